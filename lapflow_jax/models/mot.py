@@ -1,0 +1,271 @@
+"""The mixture-of-transformers (MoT) velocity model over the scales of a Laplacian pyramid.
+
+Each scale is an "expert": it has its own patch embedding, final layer and, in every block, its
+own adaLN modulation, QKV and output projections and MLP. Experts' weights are stored stacked
+along a leading `scale` axis ([L, ...]) so one parameter holds all scales and shards as one.
+Self-attention is global over the tokens of all active scales with block-causal visibility
+(fine sees coarse, never the reverse), see `attention.py`. With one scale the model is exactly
+DiT (Peebles & Xie 2023) used as a SiT-style velocity model: the single-scale baseline.
+
+Conditioning is DiT's adaLN-Zero on (time embedding + class embedding). Class conditioning
+reserves index `num_classes` as the null class for classifier-free guidance.
+
+Parameters carry logical axis names (`scale`, `embed`, `mlp`, `heads`, `qkv`, `patch`, `vocab`);
+`parallel.py` maps them to mesh axes in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lapflow_jax.models import attention
+
+# DiT's 256-wide sinusoidal frequency embedding of the time before its MLP.
+TIME_FREQUENCY_DIM = 256
+
+
+def _param(init, axes, rngs: nnx.Rngs, shape) -> nnx.Param:
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, jnp.float32))
+
+
+def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters (DiT), computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class ScaleDense(nnx.Module):
+    """One dense layer per scale, stored stacked: kernel [L, in, out], bias [L, out]."""
+
+    def __init__(self, num_scales: int, in_features: int, out_features: int, axes: tuple[str, str], *,
+                 zero_init: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        # Fans come from the last two axes: each scale's slice is initialised like its own layer.
+        init = (nnx.initializers.zeros_init() if zero_init else
+                nnx.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,)))
+        self.kernel = _param(init, ("scale",) + axes, rngs, (num_scales, in_features, out_features))
+        self.bias = _param(nnx.initializers.zeros_init(), ("scale", axes[1]), rngs, (num_scales, out_features))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, scale: int) -> jax.Array:
+        kernel = self.kernel[scale].astype(self.dtype)
+        return jnp.dot(x.astype(self.dtype), kernel) + self.bias[scale].astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """A shared (not per-scale) dense layer with logical axis names."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *, init=None,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        init = init or nnx.initializers.normal(0.02)
+        self.kernel = _param(init, axes, rngs, (in_features, out_features))
+        self.bias = _param(nnx.initializers.zeros_init(), (axes[1],), rngs, (out_features,))
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int = TIME_FREQUENCY_DIM, max_period: float = 10000.0) -> jax.Array:
+    """DiT's sinusoidal embedding: t [B] -> [B, dim] as (cos, sin) halves."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_positions(grid: int, reference_grid: int, dim: int) -> np.ndarray:
+    """2-D sin-cos embedding of patch centres in a shared [0, 1]^2 plane.
+
+    A coarse patch and the fine patches covering the same region get nearby positions. Coordinates
+    are measured in units of the finest grid's patches (reference_grid), so the finest scale sees
+    DiT's frequencies. Returns [grid * grid, dim], row-major over (row, col).
+    """
+    centres = (np.arange(grid, dtype=np.float64) + 0.5) / grid * reference_grid
+    rows, cols = np.meshgrid(centres, centres, indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+
+    def embed(coord):
+        angles = coord.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([embed(rows), embed(cols)], axis=1).astype(np.float32)
+
+
+def patchify(x: jax.Array, patch: int) -> jax.Array:
+    """[B, h, w, c] -> [B, (h/p)*(w/p), p*p*c]."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // patch, patch, w // patch, patch, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(tokens: jax.Array, patch: int, h: int, w: int, c: int) -> jax.Array:
+    """[B, (h/p)*(w/p), p*p*c] -> [B, h, w, c]."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // patch, w // patch, patch, patch, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+class MoTBlock(nnx.Module):
+    """A DiT block whose every weight is per scale, with block-causal global attention."""
+
+    def __init__(self, num_scales: int, hidden: int, num_heads: int, mlp_ratio: float, *,
+                 attention_backend: str, dtype, rngs: nnx.Rngs):
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.num_heads = num_heads
+        self.attention_backend = attention_backend
+        self.adaln = ScaleDense(num_scales, hidden, 6 * hidden, ("embed", "mlp"), zero_init=True, dtype=dtype, rngs=rngs)
+        self.qkv = ScaleDense(num_scales, hidden, 3 * hidden, ("embed", "qkv"), dtype=dtype, rngs=rngs)
+        self.out = ScaleDense(num_scales, hidden, hidden, ("heads", "embed"), dtype=dtype, rngs=rngs)
+        self.mlp_in = ScaleDense(num_scales, hidden, mlp_hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.mlp_out = ScaleDense(num_scales, mlp_hidden, hidden, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, xs: Sequence[jax.Array], cond: jax.Array, first_scale: int) -> list[jax.Array]:
+        """xs: per active scale (finest first, scales first_scale..L-1), [B, N_k, D]; cond [B, D]."""
+        scales = range(first_scale, first_scale + len(xs))
+        cond = jax.nn.silu(cond)
+        mods, qs, ks, vs = [], [], [], []
+        for x, k in zip(xs, scales):
+            mod = jnp.split(self.adaln(cond, k), 6, axis=-1)
+            mods.append(mod)
+            qkv = self.qkv(_modulate(_layer_norm(x), mod[0], mod[1]), k)
+            b, n, _ = qkv.shape
+            q, kk, v = jnp.split(qkv.reshape(b, n, 3 * self.num_heads, -1), 3, axis=2)
+            qs.append(q), ks.append(kk), vs.append(v)
+        attended = attention.prefix_attention(qs, ks, vs, backend=self.attention_backend)
+        outputs = []
+        for x, k, mod, o in zip(xs, scales, mods, attended):
+            b, n = o.shape[:2]
+            x = x + mod[2][:, None] * self.out(o.reshape(b, n, -1), k)
+            h = _modulate(_layer_norm(x), mod[3], mod[4])
+            h = self.mlp_out(jax.nn.gelu(self.mlp_in(h, k), approximate=True), k)
+            outputs.append(x + mod[5][:, None] * h)
+        return outputs
+
+
+class MoT(nnx.Module):
+    """Velocity model over L Laplacian scales. L = 1 is DiT.
+
+    Args:
+      image_shape: (H, W, C) of the finest scale (the image, or its latent).
+      num_scales: L.
+      patch_sizes: patch size per scale, finest first.
+      hidden_size, depth, num_heads, mlp_ratio: transformer size (see `presets.PRESETS`).
+      num_classes: 0 for unconditional; otherwise labels in [0, num_classes) and the null class
+        `num_classes` (used for classifier-free guidance) when `class_dropout > 0`.
+      attention_backend: see `attention.BACKENDS`.
+      time_scale: t in [0, 1] is multiplied by this before the sinusoidal embedding, so the
+        embedding sees DiT's range of frequencies.
+      dtype: compute dtype; parameters stay float32.
+    """
+
+    def __init__(self, *, image_shape: tuple[int, int, int], num_scales: int, patch_sizes: Sequence[int],
+                 hidden_size: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
+                 num_classes: int = 0, class_dropout: float = 0.1, attention_backend: str = "xla",
+                 time_scale: float = 1000.0, dtype=jnp.float32, rngs: nnx.Rngs):
+        height, width, channels = image_shape
+        if len(patch_sizes) != num_scales:
+            raise ValueError(f"patch_sizes={tuple(patch_sizes)} must have one entry per scale ({num_scales}).")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}.")
+        if attention_backend not in attention.BACKENDS:
+            raise ValueError(f"attention_backend {attention_backend!r} is not one of {attention.BACKENDS}.")
+        self.num_scales = num_scales
+        self.patch_sizes = tuple(int(p) for p in patch_sizes)
+        self.scale_shapes = tuple((height >> k, width >> k, channels) for k in range(num_scales))
+        for k, ((h, w, _), p) in enumerate(zip(self.scale_shapes, self.patch_sizes)):
+            if h % p or w % p or (h << k) != height or (w << k) != width:
+                raise ValueError(
+                    f"scale {k} has spatial size {h}x{w} (image {height}x{width} halved {k} times), "
+                    f"which patch size {p} does not divide; image sides must be divisible by "
+                    f"2**{num_scales - 1} * patch size.")
+        if height != width:
+            raise ValueError(f"image_shape {image_shape}: only square images are supported.")
+        self.hidden_size = hidden_size
+        self.num_classes = num_classes
+        self.time_scale = time_scale
+        self.dtype = dtype
+
+        # Per-scale patch embeddings are stored as separate layers: their input widths differ
+        # when patch sizes differ.
+        self.patch_embed = nnx.List([
+            Dense(p * p * channels, hidden_size, ("patch", "embed"),
+                  init=nnx.initializers.xavier_uniform(), dtype=dtype, rngs=rngs)
+            for p in self.patch_sizes])
+        self.time_mlp_in = Dense(TIME_FREQUENCY_DIM, hidden_size, ("freq", "embed"), dtype=dtype, rngs=rngs)
+        self.time_mlp_out = Dense(hidden_size, hidden_size, ("embed", "embed_out"), dtype=dtype, rngs=rngs)
+        if num_classes > 0:
+            table_size = num_classes + (1 if class_dropout > 0 else 0)
+            self.class_embed = _param(nnx.initializers.normal(0.02), ("vocab", "embed"), rngs,
+                                      (table_size, hidden_size))
+        # One learned vector per scale tells the shared attention which scale a token is from;
+        # DiT has none, so the single-scale baseline does not either.
+        if num_scales > 1:
+            self.scale_embed = _param(nnx.initializers.normal(0.02), ("scale", "embed"), rngs,
+                                      (num_scales, hidden_size))
+        self.blocks = nnx.List([
+            MoTBlock(num_scales, hidden_size, num_heads, mlp_ratio, attention_backend=attention_backend,
+                     dtype=dtype, rngs=rngs) for _ in range(depth)])
+        self.final_adaln = ScaleDense(num_scales, hidden_size, 2 * hidden_size, ("embed", "mlp"),
+                                      zero_init=True, dtype=dtype, rngs=rngs)
+        self.final_linear = nnx.List([
+            Dense(hidden_size, p * p * channels, ("embed", "patch"), init=nnx.initializers.zeros_init(),
+                  dtype=dtype, rngs=rngs) for p in self.patch_sizes])
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def __call__(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None = None) -> list[jax.Array]:
+        """Velocities of the active scales.
+
+        Args:
+          states: noisy states of the active scales f..L-1, finest first; scale k is
+            [B, H/2^k, W/2^k, C]. Which scales are active follows from len(states): always a
+            coarsest-aligned suffix, since finer scales only join later.
+          t: [B] global time.
+          labels: [B] int class ids (or the null class), or None for an unconditional model.
+
+        Returns:
+          Per active scale velocity, finest first, shaped like `states`, float32.
+        """
+        first = self.num_scales - len(states)
+        if not 0 <= first < self.num_scales:
+            raise ValueError(f"got {len(states)} scale states; the model has {self.num_scales} scales.")
+        cond = self.time_mlp_out(jax.nn.silu(self.time_mlp_in(timestep_embedding(t * self.time_scale))))
+        if self.num_classes > 0:
+            if labels is None:
+                raise ValueError("this model is class-conditional: pass labels (or the null class).")
+            cond = cond + self.class_embed[...][labels].astype(self.dtype)
+        reference_grid = self.scale_shapes[0][0] // self.patch_sizes[0]
+        tokens = []
+        for x, k in zip(states, range(first, self.num_scales)):
+            p = self.patch_sizes[k]
+            h = self.patch_embed[k](patchify(x, p))
+            pos = sincos_positions(x.shape[1] // p, reference_grid, self.hidden_size)
+            h = h + jnp.asarray(pos, self.dtype)[None]
+            if self.num_scales > 1:
+                h = h + self.scale_embed[k].astype(self.dtype)
+            tokens.append(h)
+        for block in self.blocks:
+            tokens = block(tokens, cond, first)
+        outputs = []
+        silu_cond = jax.nn.silu(cond)
+        for h, k in zip(tokens, range(first, self.num_scales)):
+            shift, scale = jnp.split(self.final_adaln(silu_cond, k), 2, axis=-1)
+            h = self.final_linear[k](_modulate(_layer_norm(h), shift, scale))
+            height, width, channels = self.scale_shapes[k]
+            outputs.append(unpatchify(h, self.patch_sizes[k], height, width, channels).astype(jnp.float32))
+        return outputs

@@ -1,0 +1,15 @@
+"""Test setup shared by every test file.
+
+Eight fake CPU devices must be requested before jax is imported anywhere, so that the
+sharding tests can build real meshes on a CPU-only machine.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Grain worker processes read absl flags; outside an absl app they must be marked parsed.
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
