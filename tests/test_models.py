@@ -1,0 +1,111 @@
+"""The MoT: block-causal attention, causality across scales, DiT parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lapflow_jax.models import attention
+from lapflow_jax.models.mot import MoT
+
+
+def randomize(model: nnx.Module, seed: int = 0, std: float = 0.1) -> nnx.Module:
+    """Gives every parameter random values: adaLN-Zero and zero final layers would otherwise make
+    every block the identity and every output zero, which would pass any causality test."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [leaf + std * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+
+
+def tiny_model(num_scales, *, backend="xla", num_classes=10, side=16, channels=3, patch=2):
+    return randomize(MoT(image_shape=(side, side, channels), num_scales=num_scales,
+                         patch_sizes=(patch,) * num_scales, hidden_size=32, depth=2, num_heads=4,
+                         num_classes=num_classes, attention_backend=backend, rngs=nnx.Rngs(0)))
+
+
+def states_for(num_scales, batch=2, side=16, channels=3, seed=1):
+    keys = jax.random.split(jax.random.key(seed), num_scales)
+    return [jax.random.normal(keys[k], (batch, side >> k, side >> k, channels)) for k in range(num_scales)]
+
+
+@pytest.mark.parametrize("lengths", [(16,), (64, 16), (64, 16, 4), (5, 3, 2)])
+def test_prefix_attention_equals_masked_reference(lengths):
+    keys = jax.random.split(jax.random.key(0), 3 * len(lengths))
+    make = lambda key, n: jax.random.normal(key, (2, n, 4, 8))
+    qs = [make(keys[3 * i], n) for i, n in enumerate(lengths)]
+    ks = [make(keys[3 * i + 1], n) for i, n in enumerate(lengths)]
+    vs = [make(keys[3 * i + 2], n) for i, n in enumerate(lengths)]
+    prefix = attention.prefix_attention(qs, ks, vs)
+    masked = attention.masked_attention(qs, ks, vs)
+    for a, b in zip(prefix, masked):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_block_causal_mask_layout():
+    # Finest first lengths (2, 1): coarse-first token order is [coarse, fine, fine].
+    mask = attention.block_causal_mask((2, 1))
+    np.testing.assert_array_equal(mask, [[1, 0, 0], [1, 1, 1], [1, 1, 1]])
+
+
+@pytest.mark.parametrize("num_scales", [2, 3])
+def test_model_prefix_equals_masked(num_scales):
+    xs = states_for(num_scales)
+    t, y = jnp.array([0.3, 0.8]), jnp.array([1, 10])
+    out_prefix = tiny_model(num_scales)(xs, t, y)
+    out_masked = tiny_model(num_scales, backend="masked")(xs, t, y)
+    for a, b in zip(out_prefix, out_masked):
+        assert float(jnp.abs(a).max()) > 1e-3  # the randomised model really computes something
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_scales", [2, 3])
+def test_coarse_scales_never_see_finer_ones(num_scales):
+    model = tiny_model(num_scales)
+    xs = states_for(num_scales)
+    t, y = jnp.array([0.6, 0.9]), jnp.array([3, 4])
+    full = model(xs, t, y)
+    perturbed = model([xs[0] + 5.0 * jax.random.normal(jax.random.key(9), xs[0].shape)] + xs[1:], t, y)
+    without_finest = model(xs[1:], t, y)
+    for k in range(1, num_scales):
+        np.testing.assert_array_equal(full[k], perturbed[k])
+        np.testing.assert_array_equal(full[k], without_finest[k - 1])
+    # ... while a coarse change does reach the finer outputs.
+    coarse_changed = model(xs[:-1] + [xs[-1] + 1.0], t, y)
+    for k in range(num_scales - 1):
+        assert float(jnp.abs(coarse_changed[k] - full[k]).max()) > 1e-4
+
+
+def test_unconditional_and_label_checks():
+    model = tiny_model(2, num_classes=0)
+    out = model(states_for(2), jnp.array([0.6, 0.9]))
+    assert [o.shape for o in out] == [(2, 16, 16, 3), (2, 8, 8, 3)]
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny_model(2)(states_for(2), jnp.array([0.6, 0.9]))
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="patch size 4"):
+        MoT(image_shape=(12, 12, 3), num_scales=2, patch_sizes=(4, 4), hidden_size=32, depth=1, num_heads=4,
+            rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="one entry per scale"):
+        MoT(image_shape=(16, 16, 3), num_scales=2, patch_sizes=(2,), hidden_size=32, depth=1, num_heads=4,
+            rngs=nnx.Rngs(0))
+
+
+def count_params(num_scales, hidden, depth, heads):
+    model = nnx.eval_shape(lambda: MoT(image_shape=(32, 32, 4), num_scales=num_scales,
+                                       patch_sizes=(2,) * num_scales, hidden_size=hidden, depth=depth,
+                                       num_heads=heads, num_classes=1000, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("name,size,published", [("B/2", (768, 12, 12), 130e6), ("XL/2", (1152, 28, 16), 675e6)])
+def test_single_scale_is_dit(name, size, published):
+    counts = {L: count_params(L, *size) for L in (1, 2, 3)}
+    print(f"{name} on 32x32x4, 1000 classes: " + ", ".join(f"{L} scale(s) {n / 1e6:.1f}M" for L, n in counts.items()))
+    assert abs(counts[1] - published) / published < 0.01
+    # The MoT split: every non-embedding weight per scale, so parameters grow ~L-fold.
+    assert 1.9 < counts[2] / counts[1] < 2.0
