@@ -1,0 +1,166 @@
+"""Default experiment config and its validation (run before anything compiles).
+
+Experiment files in configs/ start from `base_config()` and change what they need. Per-scale
+tuples are ordered finest scale first, like everything else in the package.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lapflow_jax import paths
+from lapflow_jax.data import pipeline
+from lapflow_jax.models import attention, presets
+from lapflow_jax.pyramid import DOWN_FILTERS, UP_FILTERS
+from lapflow_jax.sampling import METHODS
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_scales = 2
+    c.window_starts = (0.5, 0.0)      # T_k per scale, finest first; coarsest 0.
+    c.path_kind = "global"            # "global" (paper) or "local" (ours).
+
+    c.pyramid = ml_collections.ConfigDict()
+    c.pyramid.down = "area"
+    c.pyramid.up = "bilinear"
+    # Per-scale normalisation factors (finest first). None: measured once from data at the start
+    # of a run and stored in the checkpoint.
+    c.pyramid.sigmas = ml_collections.config_dict.placeholder(tuple)
+    c.pyramid.sigma_batches = 4
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"
+    c.model.hidden_size = 0           # 0: from the preset.
+    c.model.depth = 0
+    c.model.num_heads = 0
+    c.model.patch_sizes = (2, 2)
+    c.model.mlp_ratio = 4.0
+    c.model.class_dropout = 0.1       # label dropout for classifier-free guidance.
+    c.model.conditional = True        # use the dataset's labels when it has them.
+    c.model.attention_backend = "xla"
+    c.model.time_scale = 1000.0
+    c.model.dtype = "float32"         # compute dtype; parameters and optimizer stay float32.
+
+    c.data = pipeline.default_config()
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 32
+    c.train.num_steps = 1000
+    c.train.stage_fractions = ml_collections.config_dict.placeholder(tuple)  # None: equal.
+    c.train.scale_weights = ml_collections.config_dict.placeholder(tuple)    # None: all 1.
+    c.train.learning_rate = 1e-4
+    c.train.warmup_steps = 0
+    c.train.schedule = "constant"     # "constant" or "cosine" (after warmup).
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.9999
+    c.train.max_consecutive_nonfinite = 10
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 50
+    c.log.sample_every_steps = 0      # 0: only at the end.
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.method = "heun"
+    c.sample.steps = 50               # total over the segments, split by segment length.
+    c.sample.guidance_scale = 1.0
+    c.sample.num_images = 16
+    c.sample.batch_size = 16
+    c.sample.rtol = 1e-3
+    c.sample.atol = 1e-3
+    c.sample.previews = True
+    c.sample.use_ema = True
+
+    c.mesh_shape = (-1, 1)            # ('data', 'model'); -1: the rest of the devices.
+    c.fsdp = False
+    return c
+
+
+def _per_scale(c, field: str, value, num_scales: int):
+    if value is not None and len(value) != num_scales:
+        raise ValueError(f"config.{field}={tuple(value)} has {len(value)} entries, but "
+                         f"config.num_scales={num_scales}; give one per scale, finest first.")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field, its value and what is allowed."""
+    L = c.num_scales
+    if not isinstance(L, int) or L < 1:
+        raise ValueError(f"config.num_scales={L!r} must be an integer >= 1.")
+    _per_scale(c, "window_starts", c.window_starts, L)
+    paths.validate_window_starts(c.window_starts, field="config.window_starts")
+    if c.path_kind not in paths.PATH_KINDS:
+        raise ValueError(f"config.path_kind={c.path_kind!r} is not one of {paths.PATH_KINDS}.")
+    if c.pyramid.down not in DOWN_FILTERS:
+        raise ValueError(f"config.pyramid.down={c.pyramid.down!r} is not one of {DOWN_FILTERS}.")
+    if c.pyramid.up not in UP_FILTERS:
+        raise ValueError(f"config.pyramid.up={c.pyramid.up!r} is not one of {UP_FILTERS}.")
+    _per_scale(c, "pyramid.sigmas", c.pyramid.sigmas, L)
+    if c.pyramid.sigmas is not None and min(c.pyramid.sigmas) <= 0:
+        raise ValueError(f"config.pyramid.sigmas={tuple(c.pyramid.sigmas)} must all be > 0.")
+    _per_scale(c, "model.patch_sizes", c.model.patch_sizes, L)
+    _per_scale(c, "train.scale_weights", c.train.scale_weights, L)
+    _per_scale(c, "train.stage_fractions", c.train.stage_fractions, L)
+    if c.model.preset not in presets.PRESETS:
+        raise ValueError(f"config.model.preset={c.model.preset!r} is not one of {sorted(presets.PRESETS)}.")
+    if c.model.dtype not in presets.DTYPES:
+        raise ValueError(f"config.model.dtype={c.model.dtype!r} is not one of {sorted(presets.DTYPES)}.")
+    if c.model.attention_backend not in attention.BACKENDS:
+        raise ValueError(f"config.model.attention_backend={c.model.attention_backend!r} is not one of "
+                         f"{attention.BACKENDS}.")
+    if c.sample.method not in METHODS:
+        raise ValueError(f"config.sample.method={c.sample.method!r} is not one of {METHODS}.")
+    if c.train.schedule not in ("constant", "cosine"):
+        raise ValueError(f"config.train.schedule={c.train.schedule!r} is not one of ('constant', 'cosine').")
+    if c.data.name not in pipeline.NAMES:
+        raise ValueError(f"config.data.name={c.data.name!r} is not one of {pipeline.NAMES}.")
+    height, width, _ = pipeline.image_shape(c.data)
+    for k, p in enumerate(c.model.patch_sizes):
+        need = 2 ** (L - 1) * p
+        if height % need or width % need:
+            raise ValueError(
+                f"config.data.image_size={height}x{width} must be divisible by 2**(num_scales-1) * "
+                f"patch size = 2**{L - 1} * {p} = {need} (config.model.patch_sizes[{k}]).")
+    hidden, _, heads = presets.model_size(c.model)
+    if hidden % heads:
+        raise ValueError(f"config.model hidden size {hidden} is not divisible by num_heads {heads}.")
+    batch = c.train.global_batch_size
+    stage_sizes = paths.stage_batch_sizes(batch, c.train.stage_fractions, L)
+    if not 0 <= c.train.ema_decay < 1:
+        raise ValueError(f"config.train.ema_decay={c.train.ema_decay} must be in [0, 1).")
+    return stage_sizes
+
+
+def validate_for_mesh(c: ml_collections.ConfigDict, data_axis_size: int) -> None:
+    """Batch checks that need the mesh: every per-stage sub-batch must split over 'data'."""
+    batch = c.train.global_batch_size
+    if batch % data_axis_size:
+        raise ValueError(f"config.train.global_batch_size={batch} is not divisible by the mesh's data axis "
+                         f"({data_axis_size} devices).")
+    sizes = paths.stage_batch_sizes(batch, c.train.stage_fractions, c.num_scales)
+    bad = [s for s in sizes if s % data_axis_size]
+    if bad:
+        raise ValueError(
+            f"per-stage sub-batches {sizes} (config.train.global_batch_size={batch} split by "
+            f"config.train.stage_fractions={c.train.stage_fractions}) must each be divisible by the data "
+            f"axis size {data_axis_size}; choose a global batch that is a multiple of "
+            f"{data_axis_size * c.num_scales}.")
+
+
+def validate_labels(c: ml_collections.ConfigDict, num_classes: int) -> int:
+    """The number of classes the model is conditioned on (0 = unconditional)."""
+    if c.model.conditional and c.sample.guidance_scale != 1.0 and num_classes == 0:
+        raise ValueError(
+            f"config.sample.guidance_scale={c.sample.guidance_scale} needs a class-conditional model, but "
+            f"dataset config.data.name={c.data.name!r} has no labels; set guidance_scale to 1.0 or use a "
+            "labelled dataset.")
+    return num_classes if c.model.conditional else 0

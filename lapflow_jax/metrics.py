@@ -1,0 +1,101 @@
+"""Metric writing (TensorBoard through tensorboardX, log lines) and throughput / ETA.
+
+clu's metric writers and periodic actions import TensorFlow, which we keep out of training;
+tensorboardX writes the same event files without it (as MaxText and MaxDiffusion do). Only the
+primary process (index 0) writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Mapping
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+
+class MetricWriter:
+    """Scalars and images to TensorBoard event files under `logdir`, from process 0 only.
+
+    Scalars also go, one JSON object per logged step, to `jsonl_path` (if given): easy to read
+    back without TensorBoard, and exact (floats are written with full precision).
+    """
+
+    def __init__(self, logdir: str | epath.Path, *, enabled: bool = True, jsonl_path: str | epath.Path | None = None):
+        self.enabled = enabled
+        self._writer = None
+        self._jsonl = epath.Path(jsonl_path) if (jsonl_path and enabled) else None
+        if enabled:
+            from tensorboardX import SummaryWriter  # heavy import, only where used
+            epath.Path(logdir).mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if self._jsonl:
+            with self._jsonl.open("a") as f:
+                f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        if self._writer:
+            for name, value in values.items():
+                self._writer.add_scalar(name, float(value), step)
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        """image: uint8 [H, W, C]."""
+        if self._writer:
+            self._writer.add_image(name, image, step, dataformats="HWC")
+
+    def text(self, step: int, name: str, text: str) -> None:
+        if self._writer:
+            self._writer.add_text(name, text, step)
+
+    def flush(self) -> None:
+        if self._writer:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+
+
+class Throughput:
+    """Steps/s, images/s, TFLOP/s per device and ETA between two reports."""
+
+    def __init__(self, *, total_steps: int, global_batch: int, flops_per_step_per_device: float | None):
+        self.total_steps = total_steps
+        self.global_batch = global_batch
+        self.flops = flops_per_step_per_device
+        self._last_time = None
+        self._last_step = None
+
+    def start(self, step: int) -> None:
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def report(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        steps_per_s = (step - self._last_step) / elapsed
+        out = {"steps_per_s": steps_per_s, "images_per_s": steps_per_s * self.global_batch,
+               "eta_s": (self.total_steps - step) / max(steps_per_s, 1e-9)}
+        if self.flops:
+            out["tflops_per_s_per_device"] = steps_per_s * self.flops / 1e12
+        self._last_time, self._last_step = now, step
+        return out
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def log_line(step: int, total: int, values: Mapping[str, float]) -> None:
+    parts = [f"step {step}/{total}"]
+    for key in ("loss", "grad_norm", "learning_rate", "steps_per_s", "images_per_s", "tflops_per_s_per_device"):
+        if key in values:
+            parts.append(f"{key} {values[key]:.4g}")
+    if "eta_s" in values:
+        parts.append(f"ETA {format_eta(values['eta_s'])}")
+    scales = [f"{values[k]:.3g}" for k in sorted(values) if k.startswith("loss_scale")]
+    if len(scales) > 1:
+        parts.append("per-scale loss " + "/".join(scales))
+    logging.info(" | ".join(parts))

@@ -1,0 +1,341 @@
+"""Train state, the jitted train step and the training loop.
+
+One batch's walk: Grain iterator (host-local numpy) -> global arrays sharded over 'data' ->
+train step [pyramid.decompose -> normalise by the stored sigmas -> paths (noisy states, targets)
+-> MoT -> loss -> optax update -> EMA] -> metrics -> Orbax checkpoint.
+
+All randomness of step s comes from `fold_in(key(seed), s)`, so a resumed run draws exactly the
+noise, times and label drops that an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview
+from etils import epath
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from lapflow_jax import checkpoint as ckpt_lib
+from lapflow_jax import config as config_lib
+from lapflow_jax import generate as generate_lib
+from lapflow_jax import loss as loss_lib
+from lapflow_jax import metrics as metrics_lib
+from lapflow_jax import parallel, paths, pyramid
+from lapflow_jax.data import pipeline
+from lapflow_jax.models import build_model
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array                 # int32 []
+    params: Any                     # pure dict of float32 arrays
+    ema_params: Any
+    opt_state: Any
+    sigmas: jax.Array               # float32 [L], per-scale normalisation, finest first
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient."""
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    warmup = max(train_cfg.warmup_steps, 1)
+    if train_cfg.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, train_cfg.learning_rate, warmup, max(train_cfg.num_steps, warmup + 1))
+    else:
+        schedule = optax.warmup_constant_schedule(0.0, train_cfg.learning_rate, warmup)
+    tx = optax.chain(
+        optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay))
+    # A non-finite gradient skips the update (params and moments untouched) and is counted. optax
+    # would apply updates again after max_consecutive_errors; we stop the run on the host before
+    # that (train.max_consecutive_nonfinite), so the cap here is effectively unbounded.
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**30), schedule
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything static about a run, derived from the config before anything compiles."""
+
+    config: ml_collections.ConfigDict
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    stage_sizes: tuple[int, ...]
+    scale_weights: tuple[float, ...]
+    path: paths.MultiScalePath
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    param_specs: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Setup:
+    """Validates the config, builds the mesh and the abstract model. Raises ValueError on bad config."""
+    stage_sizes = config_lib.validate(config)
+    mesh = mesh or parallel.make_mesh(config.mesh_shape)
+    config_lib.validate_for_mesh(config, mesh.shape["data"])
+    image_shape = pipeline.image_shape(config.data)
+    num_classes = config_lib.validate_labels(config, pipeline.num_classes(config.data))
+    abstract_model = nnx.eval_shape(lambda: build_model(config, image_shape=image_shape, num_classes=num_classes,
+                                                        rngs=nnx.Rngs(config.seed)))
+    graphdef, _ = nnx.split(abstract_model)
+    tx, schedule = make_optimizer(config.train)
+    weights = tuple(config.train.scale_weights or (1.0,) * config.num_scales)
+    return Setup(config=config, image_shape=image_shape, num_classes=num_classes, stage_sizes=stage_sizes,
+                 scale_weights=weights, path=paths.MultiScalePath(tuple(config.window_starts), config.path_kind),
+                 mesh=mesh, graphdef=graphdef,
+                 param_specs=parallel.param_specs(abstract_model, parallel.logical_rules(config.fsdp)),
+                 tx=tx, schedule=schedule)
+
+
+def _init_state(setup: Setup, sigmas: jax.Array) -> TrainState:
+    model = build_model(setup.config, image_shape=setup.image_shape, num_classes=setup.num_classes,
+                        rngs=nnx.Rngs(setup.config.seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=setup.tx.init(params), sigmas=sigmas)
+
+
+def state_shardings(setup: Setup) -> TrainState:
+    abstract = jax.eval_shape(functools.partial(_init_state, setup), jnp.ones((setup.config.num_scales,)))
+    specs = TrainState(step=P(), params=setup.param_specs, ema_params=setup.param_specs,
+                       opt_state=parallel.specs_like_params(abstract.opt_state, setup.param_specs), sigmas=P())
+    return parallel.named(setup.mesh, specs), abstract
+
+
+def create_state(setup: Setup, sigmas: np.ndarray) -> TrainState:
+    """Initialises the train state directly into its shardings."""
+    shardings, _ = state_shardings(setup)
+    init = jax.jit(functools.partial(_init_state, setup), out_shardings=shardings)
+    return init(jnp.asarray(sigmas, jnp.float32))
+
+
+def make_train_step(setup: Setup):
+    """The jitted train step: (state, batch) -> (state, metrics). State is donated."""
+    cfg = setup.config
+    base_rng = jax.random.key(cfg.seed)
+    decay = cfg.train.ema_decay
+
+    def step_fn(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(base_rng, state.step)
+        label_rng, loss_rng = jax.random.split(rng)
+        residuals = pyramid.decompose(batch["image"], cfg.num_scales, down=cfg.pyramid.down, up=cfg.pyramid.up)
+        residuals = [r / state.sigmas[k] for k, r in enumerate(residuals)]
+        labels = None
+        if setup.num_classes > 0:
+            labels = loss_lib.drop_labels(label_rng, batch["label"], cfg.model.class_dropout, setup.num_classes)
+
+        def loss_fn(params):
+            model = nnx.merge(setup.graphdef, params)
+            return loss_lib.multiscale_loss(model, residuals, labels, loss_rng, setup.path, setup.stage_sizes,
+                                            setup.scale_weights)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        metrics.update(grad_norm=optax.global_norm(grads), learning_rate=setup.schedule(state.step),
+                       nonfinite_consecutive=opt_state.notfinite_count,
+                       nonfinite_total=opt_state.total_notfinite)
+        return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+    shardings, _ = state_shardings(setup)
+    batch_sharding = parallel.batch_sharding(setup.mesh)
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                   donate_argnums=0)
+
+
+def measure_sigmas(config: ml_collections.ConfigDict) -> np.ndarray:
+    """Per-scale std from a few batches, or the configured values.
+
+    Every host reads the same records (as if it were the only process), so all hosts get the same
+    sigmas without any communication.
+    """
+    if config.pyramid.sigmas is not None:
+        return np.asarray(config.pyramid.sigmas, np.float32)
+    it = pipeline.make_train_iterator(config.data, global_batch_size=config.train.global_batch_size,
+                                      seed=config.seed + 1, process_index=0, process_count=1)
+    images = np.concatenate([next(it)["image"] for _ in range(config.pyramid.sigma_batches)])
+    return np.asarray(pyramid.measure_sigmas(images, config.num_scales, down=config.pyramid.down,
+                                             up=config.pyramid.up), np.float32)
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call per device, from XLA's cost analysis of a compiled program."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop reads, so the run saves at the next step and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some notebook runners): rely on Orbax only
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def param_table(setup: Setup, params) -> str:
+    """clu's parameter overview plus the parameter count of each scale's expert."""
+    table = parameter_overview.get_parameter_overview(params, include_stats=False)
+    L = setup.config.num_scales
+    per_scale = [0] * L
+    shared = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = "/".join(str(getattr(p, "key", p)) for p in path)
+        stacked = leaf.ndim >= 1 and leaf.shape[0] == L and any(
+            n in names for n in ("adaln", "qkv", "out", "mlp_in", "mlp_out", "final_adaln", "scale_embed"))
+        per_expert = any(f"/{k}/" in f"/{names}/" for k in range(L)) and (
+            "patch_embed" in names or "final_linear" in names)
+        if stacked:
+            for k in range(L):
+                per_scale[k] += leaf.size // L
+        elif per_expert:
+            k = int(next(p for p in names.split("/") if p.isdigit()))
+            per_scale[k] += leaf.size
+        else:
+            shared += leaf.size
+    lines = [f"scale {k}: {n:,} parameters" for k, n in enumerate(per_scale)] + [f"shared: {shared:,} parameters"]
+    return table + "\n" + "\n".join(lines)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (resuming from the latest checkpoint in workdir) and writes samples at the end.
+
+    Returns a summary: the final step, the loss per step (this process), and the sample grid path.
+    """
+    workdir = epath.Path(workdir)
+    setup = make_setup(config)
+    primary = jax.process_index() == 0
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json(indent=2))
+    writer = metrics_lib.MetricWriter(workdir / "tensorboard", enabled=primary, jsonl_path=workdir / "metrics.jsonl")
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
+                                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    data_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.train.global_batch_size,
+                                             seed=config.seed)
+    shardings, abstract = state_shardings(setup)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        diffs = ckpt_lib.config_differences(checkpointer.restore_config(latest), config)
+        if diffs:
+            raise ValueError(
+                f"workdir {workdir} holds a checkpoint (step {latest}) made with a different config:\n  "
+                + "\n  ".join(diffs) + "\nUse a new --workdir, or delete its checkpoints/ to start over.")
+        state = checkpointer.restore(latest, ckpt_lib.abstract_with_shardings(abstract, shardings), data_iter)
+        logging.info("Resumed from step %d in %s", latest, workdir)
+    else:
+        state = create_state(setup, measure_sigmas(config))
+        logging.info("Per-scale sigmas (finest first): %s", np.asarray(state.sigmas).round(4).tolist())
+    if primary:
+        logging.info("Parameters:\n%s", param_table(setup, state.params))
+
+    train_step = make_train_step(setup)
+    step = int(state.step)
+    total = config.train.num_steps
+    losses = {}
+    throughput = None
+    consecutive_bad = 0
+    with _Preemption() as preemption:
+        while step < total:
+            batch = parallel.global_batch(next(data_iter), setup.mesh)
+            if throughput is None:
+                # Compile once, ahead of time: the same executable gives the FLOP count and runs
+                # every step (it cannot silently recompile).
+                train_step = train_step.lower(state, batch).compile()
+                throughput = metrics_lib.Throughput(total_steps=total, global_batch=config.train.global_batch_size,
+                                                    flops_per_step_per_device=compiled_flops(train_step))
+                throughput.start(step)
+            state, metrics = train_step(state, batch)
+            step += 1
+            loss = float(metrics["loss"])  # one scalar per step: exact resume is checked on these
+            losses[step] = loss
+            consecutive_bad = int(metrics["nonfinite_consecutive"])
+            if consecutive_bad:
+                logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d total)",
+                                step, consecutive_bad, int(metrics["nonfinite_total"]))
+                if consecutive_bad >= config.train.max_consecutive_nonfinite:
+                    checkpointer.wait()
+                    raise NonFiniteError(
+                        f"{consecutive_bad} consecutive non-finite steps up to step {step} "
+                        f"(config.train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); "
+                        f"the last good checkpoint (step {checkpointer.latest_step()}) is kept in {workdir}.")
+            if step % config.log.every_steps == 0 or step == total:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values.update(throughput.report(step))
+                if primary:
+                    metrics_lib.log_line(step, total, values)
+                writer.scalars(step, values)
+            if config.log.sample_every_steps and step % config.log.sample_every_steps == 0 and step < total:
+                write_samples(setup, state, workdir, writer, step)
+            stop = preemption.requested or checkpointer.reached_preemption(step)
+            # A skipped step leaves params and moments untouched, so every state is safe to save.
+            checkpointer.save(step, state, data_iter, config, force=stop or step == total)
+            if stop:
+                logging.warning("Preempted: checkpoint at step %d saved; exiting.", step)
+                break
+    checkpointer.wait()
+    summary = {"step": step, "losses": losses, "samples": None}
+    if step >= total:
+        summary["samples"] = write_samples(setup, state, workdir, writer, step)
+    checkpointer.close()
+    writer.close()
+    return summary
+
+
+def write_samples(setup: Setup, state: TrainState, workdir: epath.Path, writer, step: int) -> str | None:
+    """Samples a grid (EMA weights by default), saves it as PNG and to TensorBoard (process 0)."""
+    cfg = setup.config
+    params = state.ema_params if cfg.sample.use_ema else state.params
+    rng = jax.random.fold_in(jax.random.key(cfg.seed + 7), step)
+    t0 = time.perf_counter()
+    out = generate_lib.generate(cfg, setup.graphdef, params, np.asarray(state.sigmas), image_shape=setup.image_shape,
+                                num_classes=setup.num_classes, rng=rng, batch=cfg.sample.num_images,
+                                previews=cfg.sample.previews)
+    if jax.process_index() != 0:
+        return None
+    path = workdir / "samples" / f"samples_step{step:07d}.png"
+    grid = generate_lib.image_grid(out.images)
+    generate_lib.save_png(path, grid)
+    writer.image(step, "samples", grid)
+    if out.previews:
+        rows = np.concatenate(out.previews, axis=0)  # one row of images per segment end
+        preview = generate_lib.image_grid(rows, columns=out.images.shape[0])
+        generate_lib.save_png(workdir / "samples" / f"coarse_to_fine_step{step:07d}.png", preview)
+        writer.image(step, "coarse_to_fine", preview)
+    logging.info("step %d: wrote %s (NFE per segment %s, %.1fs)", step, path, out.nfe_per_segment,
+                 time.perf_counter() - t0)
+    writer.flush()
+    return str(path)
