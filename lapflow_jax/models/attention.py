@@ -18,7 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("xla", "cudnn", "masked")
+BACKENDS = ("auto", "xla", "cudnn", "splash", "masked")
+
+# Splash attention tiles the sequence in blocks of this many tokens; the token sequence is padded
+# up to a multiple of it (padding keys are masked out, padding queries are dropped).
+SPLASH_BLOCK = 128
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -45,19 +49,46 @@ def _single_attention(q, k, v, backend: str) -> jax.Array:
     raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}.")
 
 
-def prefix_attention(qs: Sequence[jax.Array], ks: Sequence[jax.Array], vs: Sequence[jax.Array],
-                     backend: str = "xla") -> list[jax.Array]:
-    """Block-causal attention as one dense attention per scale over its key prefix.
+def resolve_backend(backend: str, dtype) -> str:
+    """"auto" picks by platform: Pallas splash attention on TPU, cuDNN flash attention on GPU
+    (it needs 16-bit inputs, so float32 falls back to XLA), and the XLA prefix form elsewhere."""
+    if backend != "auto":
+        return backend
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def block_causal_attention(qs: Sequence[jax.Array], ks: Sequence[jax.Array], vs: Sequence[jax.Array],
+                           backend: str = "xla") -> list[jax.Array]:
+    """Global attention over all active scales where scale k sees only scales >= k (coarser).
 
     Args:
       qs, ks, vs: per active scale, finest first, each [B, N_k, H, Dh].
-      backend: "xla" (portable reference kernel) or "cudnn".
+      backend: one of BACKENDS: "xla" / "cudnn" run one dense attention per scale over its key
+        prefix; "splash" runs TPU splash attention with the block-causal mask (its block-sparse
+        mask skips the invisible blocks); "masked" is the reference.
 
     Returns:
       Per-scale outputs, finest first, each [B, N_k, H, Dh].
     """
+    backend = resolve_backend(backend, qs[0].dtype)
     if backend == "masked":
         return masked_attention(qs, ks, vs)
+    if backend == "splash":
+        return splash_attention(qs, ks, vs)
+    return prefix_attention(qs, ks, vs, backend)
+
+
+def prefix_attention(qs: Sequence[jax.Array], ks: Sequence[jax.Array], vs: Sequence[jax.Array],
+                     backend: str = "xla") -> list[jax.Array]:
+    """Block-causal attention as one dense attention per scale over its key prefix.
+
+    Same arguments as `block_causal_attention`; backend "xla" or "cudnn".
+    """
     # Coarsest first, so that scale k's visible keys are keys_all[:, :prefix_len[k]].
     keys_all = jnp.concatenate(list(reversed(ks)), axis=1)
     values_all = jnp.concatenate(list(reversed(vs)), axis=1)
@@ -86,5 +117,45 @@ def masked_attention(qs: Sequence[jax.Array], ks: Sequence[jax.Array],
     v_all = jnp.concatenate(list(reversed(vs)), axis=1)
     out = dense_attention(q_all, k_all, v_all, jnp.asarray(block_causal_mask(lengths)))
     # Split back (coarsest first in `out`) and return finest first.
+    splits = np.cumsum(list(reversed(lengths)))[:-1]
+    return list(reversed(jnp.split(out, splits, axis=1)))
+
+
+def splash_attention(qs: Sequence[jax.Array], ks: Sequence[jax.Array], vs: Sequence[jax.Array], *,
+                     block: int = SPLASH_BLOCK, interpret: bool | None = None) -> list[jax.Array]:
+    """Block-causal attention with the Pallas TPU splash-attention kernel.
+
+    The block-causal visibility is a static block-sparse mask over the coarse-to-fine token
+    sequence, so the kernel skips every fully invisible (query block, key block) tile. Off TPU
+    the kernel runs in Pallas' interpret mode (slow; for tests). Same I/O as `prefix_attention`.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    lengths = [q.shape[1] for q in qs]
+    total = sum(lengths)
+    padded = -(-total // block) * block
+    mask = np.zeros((padded, padded), bool)
+    mask[:total, :total] = block_causal_mask(lengths)
+    mask[total:, 0] = True  # padding queries need one visible key; their outputs are dropped
+    heads, head_dim = qs[0].shape[2], qs[0].shape[3]
+
+    def to_heads_first(xs):  # coarse-first [B, N, H, D] -> padded [B, H, N_pad, D]
+        x = jnp.concatenate(list(reversed(xs)), axis=1)
+        x = jnp.pad(x, ((0, 0), (0, padded - total), (0, 0), (0, 0)))
+        return x.transpose(0, 2, 1, 3)
+
+    kernel = splash.make_splash_mha(
+        splash_mask.MultiHeadMask([splash_mask.NumpyMask(mask)] * heads),
+        block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                                      block_q_dq=block, block_kv_dq=block),
+        head_shards=1, q_seq_shards=1, interpret=interpret)
+    # Splash does not scale the logits itself.
+    q = to_heads_first(qs) * jnp.asarray(1.0 / np.sqrt(head_dim), qs[0].dtype)
+    out = jax.vmap(kernel)(q, to_heads_first(ks), to_heads_first(vs))  # [B, H, N_pad, D]
+    out = out.transpose(0, 2, 1, 3)[:, :total].astype(qs[0].dtype)
     splits = np.cumsum(list(reversed(lengths)))[:-1]
     return list(reversed(jnp.split(out, splits, axis=1)))
