@@ -144,7 +144,7 @@ class MoTBlock(nnx.Module):
             b, n, _ = qkv.shape
             q, kk, v = jnp.split(qkv.reshape(b, n, 3 * self.num_heads, -1), 3, axis=2)
             qs.append(q), ks.append(kk), vs.append(v)
-        attended = attention.prefix_attention(qs, ks, vs, backend=self.attention_backend)
+        attended = attention.block_causal_attention(qs, ks, vs, backend=self.attention_backend)
         outputs = []
         for x, k, mod, o in zip(xs, scales, mods, attended):
             b, n = o.shape[:2]
