@@ -1,0 +1,31 @@
+"""CelebA-HQ 256, unconditional, single-scale baseline (LFM-style latent flow matching).
+
+Everything as configs/celebahq256_lapflow.py (EQ-VAE latents, DiT-L/2, optimiser, sampler), but
+one scale on the whole [0, 1]: the MoT with L = 1 is a plain DiT/SiT velocity model.
+
+Paper (LapFlow, ICLR 2026, arXiv 2602.19461, as public summaries quote it), CelebA-HQ 256, DiT-L/2:
+LFM FID 5.26, NFE 89, 1.70 s/sample, 22.1 GFLOPs (LapFlow: 3.53, 80, 1.51 s, 16.5 GFLOPs); its scale
+ablation gives 5.26 for one scale too. (LFM's own paper used SD-VAE; this baseline keeps the
+autoencoder of the LapFlow config so that only the multi-scale part differs.)
+
+Commands (the cached latents are celebahq256_lapflow.py's: cache once with either config):
+
+    python -m lapflow_jax.latents --config=configs/celebahq256_baseline.py
+    python -m lapflow_jax.main --config=configs/celebahq256_baseline.py --workdir=workdirs/celebahq256_baseline
+    python -m lapflow_jax.main --config=configs/celebahq256_baseline.py --workdir=workdirs/celebahq256_baseline --mode=sample
+"""
+
+import importlib.util
+import os
+
+
+def get_config():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "celebahq256_lapflow.py")
+    spec = importlib.util.spec_from_file_location("celebahq256_lapflow", path)
+    twin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(twin)
+    c = twin.get_config()
+    c.num_scales = 1
+    c.window_starts = (0.0,)
+    c.model.patch_sizes = (2,)
+    return c

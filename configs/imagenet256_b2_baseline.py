@@ -1,0 +1,31 @@
+"""ImageNet 256, class-conditional (CFG 1.5), B/2: single-scale baseline (LFM-style latent flow
+matching).
+
+Everything as configs/imagenet256_b2_lapflow.py (autoencoder, cached latents, model size, optimiser,
+sampler), but one scale on the whole [0, 1]: the MoT with L = 1 is a plain DiT/SiT velocity
+model.
+
+Paper (LapFlow, ICLR 2026, arXiv 2602.19461, as public summaries quote it): LFM FID 4.46 with CFG
+1.5 (LapFlow: 4.12); one summary quotes 39.40 vs 36.50, probably unguided.
+
+Commands (the cached latents are imagenet256_b2_lapflow.py's: cache once with either config):
+
+    python -m lapflow_jax.latents --config=configs/imagenet256_b2_baseline.py
+    python -m lapflow_jax.main --config=configs/imagenet256_b2_baseline.py --workdir=workdirs/imagenet256_b2_baseline
+    python -m lapflow_jax.main --config=configs/imagenet256_b2_baseline.py --workdir=workdirs/imagenet256_b2_baseline --mode=sample
+"""
+
+import importlib.util
+import os
+
+
+def get_config():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet256_b2_lapflow.py")
+    spec = importlib.util.spec_from_file_location("imagenet256_b2_lapflow", path)
+    twin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(twin)
+    c = twin.get_config()
+    c.num_scales = 1
+    c.window_starts = (0.0,)
+    c.model.patch_sizes = (2,)
+    return c
