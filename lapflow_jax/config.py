@@ -6,13 +6,20 @@ tuples are ordered finest scale first, like everything else in the package.
 
 from __future__ import annotations
 
+import math
+import os
+
 import ml_collections
 
 from lapflow_jax import paths
 from lapflow_jax.data import pipeline
 from lapflow_jax.models import attention, presets
+from lapflow_jax.models.mot import REMAT_POLICIES
 from lapflow_jax.pyramid import DOWN_FILTERS, UP_FILTERS
 from lapflow_jax.sampling import METHODS
+
+# Metrics of the eval mode (lapflow_jax/evaluate.py).
+EVAL_METRICS = ("fid", "fd_efficientnet", "swd")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,9 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mlp_ratio = 4.0
     c.model.class_dropout = 0.1       # label dropout for classifier-free guidance.
     c.model.conditional = True        # use the dataset's labels when it has them.
-    c.model.attention_backend = "xla"
+    c.model.attention_backend = "auto"    # splash on TPU, cuDNN on GPU (bf16), XLA prefix form elsewhere.
     c.model.time_scale = 1000.0
     c.model.dtype = "float32"         # compute dtype; parameters and optimizer stay float32.
+    c.model.remat = "none"            # per-block activation checkpointing: mot.REMAT_POLICIES.
+    c.model.scan_layers = False       # blocks stacked [depth, ...] and run by lax.scan (fast compile).
 
     c.data = pipeline.default_config()
 
@@ -64,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 500
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
+    # Resume even though resume-critical fields (model, scales, windows, batch, data) changed;
+    # the parameter shapes must still match. See checkpoint.RESUME_CRITICAL.
+    c.checkpoint.force_resume = False
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 50
@@ -79,9 +91,43 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.atol = 1e-3
     c.sample.previews = True
     c.sample.use_ema = True
+    c.sample.grid_images = 64         # sample mode: images in grid.png (the .npz has all of them).
+    c.sample.gflops = True            # sample mode: GFLOPs per sample (XLA cost analysis) + baseline.
+
+    # Eval mode (--mode=eval): samples from the latest checkpoint against held-out data.
+    c.eval = ml_collections.ConfigDict()
+    # "fid" (needs inception_weights), "fd_efficientnet" (packaged weights) and "swd".
+    c.eval.metrics = ("fd_efficientnet", "swd")
+    c.eval.num_samples = 50000
+    c.eval.reference_split = "test"   # dataset split giving the reference images.
+    c.eval.num_reference = 0          # 0: as many as num_samples (or the whole split, if smaller).
+    c.eval.reference_npz = ""         # .npz with `images` [N, H, W, C]: replaces the dataset split.
+    c.eval.fid_stats = ""             # .npz with `mu`, `sigma` (pytorch-fid/TTUR layout) for FID.
+    c.eval.inception_weights = ""     # local pt_inception-2015-12-05-6726825d.pth.
+    c.eval.feature_batch_size = 50
+    c.eval.samples_npz = ""           # evaluate these `images` instead of sampling a checkpoint.
+
+    # Latent mode (docs/latent.md): the flow runs on autoencoder latents cached once by
+    # `python -m lapflow_jax.latents --config=...` into data.latents_dir (data.name = "latents");
+    # samples are decoded through the autoencoder.
+    c.latent = ml_collections.ConfigDict()
+    c.latent.enabled = False
+    c.latent.autoencoder = ""         # converted or diffusers AutoencoderKL folder ("": the cache's).
+    c.latent.shape = ml_collections.config_dict.placeholder(tuple)  # (h, w, c), e.g. (32, 32, 4) at 256 px.
+    c.latent.dtype = "float32"        # autoencoder compute dtype: "float32" or "bfloat16".
+    c.latent.decode_batch_size = 8
+    c.latent.source = pipeline.default_config()  # the pixel dataset the caching command encodes.
+    c.latent.flip = True              # also cache each image's mirror (used when data.random_flip).
+    c.latent.encode_batch_size = 16   # per host.
+    c.latent.images_per_shard = 1024  # the unit of resume.
+    c.latent.store_dtype = "float32"  # or "float16" (half the disk).
 
     c.mesh_shape = (-1, 1)            # ('data', 'model'); -1: the rest of the devices.
-    c.fsdp = False
+    c.fsdp = False                    # also shard parameters, optimizer state and EMA over 'data'.
+    # Slices the global batch is read as (parallel.InputShards); 0: one per group of hosts holding
+    # distinct rows. Fix it (e.g. to the largest host count) to make every step's batch the same
+    # on any number of hosts.
+    c.input_shards = 0
     return c
 
 
@@ -89,6 +135,35 @@ def _per_scale(c, field: str, value, num_scales: int):
     if value is not None and len(value) != num_scales:
         raise ValueError(f"config.{field}={tuple(value)} has {len(value)} entries, but "
                          f"config.num_scales={num_scales}; give one per scale, finest first.")
+
+
+def input_shape(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(H, W, C) of what the flow model sees: config.latent.shape in latent mode, else the image."""
+    if not c.latent.enabled:
+        return pipeline.image_shape(c.data)
+    shape = c.latent.shape
+    if shape is None or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+        raise ValueError(f"config.latent.shape={shape!r} must be (height, width, channels) of a latent, "
+                         "e.g. (32, 32, 4) for 256 px images and an f = 8 autoencoder.")
+    return tuple(shape)
+
+
+def _validate_latent(c: ml_collections.ConfigDict) -> None:
+    if c.latent.enabled != (c.data.name == "latents"):
+        raise ValueError(
+            f"config.latent.enabled={c.latent.enabled} with config.data.name={c.data.name!r}: latent mode trains "
+            "on cached latents, so set both (latent.enabled=True and data.name='latents', with data.latents_dir "
+            "written by `python -m lapflow_jax.latents`) or neither.")
+    if not c.latent.enabled:
+        return
+    from lapflow_jax.data import latents as latents_data  # pylint: disable=import-outside-toplevel
+
+    shape = input_shape(c)
+    if c.data.latents_dir and os.path.isfile(latents_data.info_path(c.data.latents_dir)):
+        cached = latents_data.latent_shape(c.data.latents_dir)
+        if cached != shape:
+            raise ValueError(f"config.latent.shape={shape}, but the latents cached in config.data.latents_dir="
+                             f"{c.data.latents_dir} are {cached}.")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -114,16 +189,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.model.preset={c.model.preset!r} is not one of {sorted(presets.PRESETS)}.")
     if c.model.dtype not in presets.DTYPES:
         raise ValueError(f"config.model.dtype={c.model.dtype!r} is not one of {sorted(presets.DTYPES)}.")
+    if c.model.remat not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat={c.model.remat!r} is not one of {tuple(REMAT_POLICIES)}.")
+    if c.input_shards < 0:
+        raise ValueError(f"config.input_shards={c.input_shards} must be >= 0 (0: one per host group).")
     if c.model.attention_backend not in attention.BACKENDS:
         raise ValueError(f"config.model.attention_backend={c.model.attention_backend!r} is not one of "
                          f"{attention.BACKENDS}.")
     if c.sample.method not in METHODS:
         raise ValueError(f"config.sample.method={c.sample.method!r} is not one of {METHODS}.")
+    unknown = [m for m in c.eval.metrics if m not in EVAL_METRICS]
+    if unknown or not c.eval.metrics:
+        raise ValueError(f"config.eval.metrics={tuple(c.eval.metrics)}: each must be one of {EVAL_METRICS}.")
     if c.train.schedule not in ("constant", "cosine"):
         raise ValueError(f"config.train.schedule={c.train.schedule!r} is not one of ('constant', 'cosine').")
+    _validate_latent(c)
     if c.data.name not in pipeline.NAMES:
         raise ValueError(f"config.data.name={c.data.name!r} is not one of {pipeline.NAMES}.")
-    height, width, _ = pipeline.image_shape(c.data)
+    height, width, _ = input_shape(c)
     for k, p in enumerate(c.model.patch_sizes):
         need = 2 ** (L - 1) * p
         if height % need or width % need:
@@ -134,10 +217,37 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if hidden % heads:
         raise ValueError(f"config.model hidden size {hidden} is not divisible by num_heads {heads}.")
     batch = c.train.global_batch_size
-    stage_sizes = paths.stage_batch_sizes(batch, c.train.stage_fractions, L)
+    try:
+        stage_sizes = paths.stage_batch_sizes(batch, c.train.stage_fractions, L)
+    except ValueError as e:
+        raise ValueError(f"config.train.global_batch_size={batch} with config.train.stage_fractions="
+                         f"{c.train.stage_fractions}: {e}") from e
     if not 0 <= c.train.ema_decay < 1:
         raise ValueError(f"config.train.ema_decay={c.train.ema_decay} must be in [0, 1).")
+    _validate_ranges(c)
     return stage_sizes
+
+
+def _validate_ranges(c: ml_collections.ConfigDict) -> None:
+    """Counts, intervals and rates that must be in range (ml_collections already checks types)."""
+    at_least = {"train.num_steps": 1, "train.global_batch_size": 1, "train.warmup_steps": 0,
+                "train.max_consecutive_nonfinite": 1, "checkpoint.every_steps": 1, "checkpoint.keep": 1,
+                "log.every_steps": 1, "log.sample_every_steps": 0, "sample.steps": 1, "sample.num_images": 1,
+                "sample.batch_size": 1}
+    for field, low in at_least.items():
+        value = c[field.split(".")[0]][field.split(".")[1]]
+        if value < low:
+            raise ValueError(f"config.{field}={value} must be >= {low}.")
+    for field in ("train.learning_rate", "train.grad_clip", "train.weight_decay"):
+        value = c[field.split(".")[0]][field.split(".")[1]]
+        if not math.isfinite(value) or value < 0 or (field == "train.learning_rate" and value == 0):
+            raise ValueError(f"config.{field}={value} must be a finite number "
+                             f"{'> 0' if field == 'train.learning_rate' else '>= 0'}.")
+    weights = c.train.scale_weights
+    if weights is not None and (not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights)):
+        raise ValueError(f"config.train.scale_weights={tuple(weights)} must be finite, >= 0 and not all 0.")
+    if not 0 <= c.model.class_dropout < 1:
+        raise ValueError(f"config.model.class_dropout={c.model.class_dropout} must be in [0, 1).")
 
 
 def validate_for_mesh(c: ml_collections.ConfigDict, data_axis_size: int) -> None:
@@ -158,6 +268,10 @@ def validate_for_mesh(c: ml_collections.ConfigDict, data_axis_size: int) -> None
 
 def validate_labels(c: ml_collections.ConfigDict, num_classes: int) -> int:
     """The number of classes the model is conditioned on (0 = unconditional)."""
+    if c.sample.guidance_scale != 1.0 and not c.model.conditional:
+        raise ValueError(
+            f"config.sample.guidance_scale={c.sample.guidance_scale} needs a class-conditional model, but "
+            "config.model.conditional=False; set guidance_scale to 1.0 or model.conditional to True.")
     if c.model.conditional and c.sample.guidance_scale != 1.0 and num_classes == 0:
         raise ValueError(
             f"config.sample.guidance_scale={c.sample.guidance_scale} needs a class-conditional model, but "

@@ -2,6 +2,7 @@
 
     python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo
     python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo --mode=sample
+    python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo --mode=eval
 
 Config fields are overridden with --config.<field>=<value>; an unknown field is an error.
 On several processes (GPU clusters, or CPU tests) pass --coordinator_address, --num_processes
@@ -10,19 +11,29 @@ and --process_id; on Cloud TPU jax.distributed.initialize() finds them itself.
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here (local or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+                  "What to do: train; sample (images, grids, GFLOPs: sample.py); eval (FID etc.: evaluate.py).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs off TPU.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-process runs off TPU.")
 flags.DEFINE_integer("process_id", None, "This process's index, for multi-process runs off TPU.")
 flags.DEFINE_bool("distributed", None, "Force jax.distributed.initialize() on (True) or off (False); "
                   "default: on when a coordinator is given or on a TPU pod.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _on_multihost_tpu() -> bool:
+    """True on a TPU pod slice or a multi-slice job: the TPU runtime names several workers (or a
+    multi-slice coordinator) in the environment, and every worker must join the same program."""
+    workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in workers or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def _maybe_initialize_distributed() -> None:
@@ -34,7 +45,7 @@ def _maybe_initialize_distributed() -> None:
     if explicit:
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    elif FLAGS.distributed:
+    elif FLAGS.distributed or _on_multihost_tpu():
         jax.distributed.initialize()  # Cloud TPU / SLURM: auto-detected
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
@@ -49,6 +60,9 @@ def main(argv):
 
     if FLAGS.mode == "train":
         train_lib.train(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+        from lapflow_jax import evaluate as evaluate_lib
+        evaluate_lib.evaluate_from_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
         sample_lib.sample_from_checkpoint(FLAGS.config, FLAGS.workdir)
 

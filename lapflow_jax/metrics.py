@@ -7,6 +7,7 @@ primary process (index 0) writes.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from typing import Mapping
@@ -21,21 +22,43 @@ class MetricWriter:
 
     Scalars also go, one JSON object per logged step, to `jsonl_path` (if given): easy to read
     back without TensorBoard, and exact (floats are written with full precision).
+
+    Object stores (gs://) cannot append: there the JSONL file is rewritten whole (the lines it
+    held when the writer opened, then the new ones) at most every `remote_flush_secs` and at
+    flush() / close(), and TensorBoard event files go through `_RemoteRecordFile`.
     """
 
-    def __init__(self, logdir: str | epath.Path, *, enabled: bool = True, jsonl_path: str | epath.Path | None = None):
+    def __init__(self, logdir: str | epath.Path, *, enabled: bool = True, jsonl_path: str | epath.Path | None = None,
+                 remote_flush_secs: float = 60.0):
         self.enabled = enabled
         self._writer = None
         self._jsonl = epath.Path(jsonl_path) if (jsonl_path and enabled) else None
+        self._remote_lines = None  # list of lines when the JSONL file is on an object store
+        self._remote_flush_secs = remote_flush_secs
+        self._last_remote_write = time.monotonic()
+        if self._jsonl is not None and "://" in str(self._jsonl):
+            self._remote_lines = self._jsonl.read_text().splitlines(keepends=True) if self._jsonl.exists() else []
         if enabled:
-            from tensorboardX import SummaryWriter  # heavy import, only where used
+            from tensorboardX import SummaryWriter, record_writer  # heavy import, only where used
+            record_writer.register_writer_factory("gs", _RemoteRecordFactory())
             epath.Path(logdir).mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(str(logdir))
 
+    def _write_remote_jsonl(self) -> None:
+        if self._remote_lines is not None:
+            self._jsonl.write_text("".join(self._remote_lines))
+            self._last_remote_write = time.monotonic()
+
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._jsonl:
-            with self._jsonl.open("a") as f:
-                f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+            line = json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n"
+            if self._remote_lines is None:
+                with self._jsonl.open("a") as f:
+                    f.write(line)
+            else:
+                self._remote_lines.append(line)
+                if time.monotonic() - self._last_remote_write >= self._remote_flush_secs:
+                    self._write_remote_jsonl()
         if self._writer:
             for name, value in values.items():
                 self._writer.add_scalar(name, float(value), step)
@@ -50,12 +73,49 @@ class MetricWriter:
             self._writer.add_text(name, text, step)
 
     def flush(self) -> None:
+        self._write_remote_jsonl()
         if self._writer:
             self._writer.flush()
 
     def close(self) -> None:
+        self._write_remote_jsonl()
         if self._writer:
             self._writer.close()
+
+
+class _RemoteRecordFile:
+    """A TensorBoard event file on gs:// through etils.epath (the layer the rest of the workdir uses).
+
+    Objects cannot be appended to: every flush rewrites the object with all records so far, as
+    tensorboardX's own GCS writer does. That writer also uploads again from __del__ after
+    close(), which hangs in retries once the storage endpoint is gone; this one stops at close().
+    """
+
+    def __init__(self, path: str):
+        self._path = epath.Path(path)
+        self._buffer = io.BytesIO()
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+
+    def flush(self) -> None:
+        if not self._closed:
+            self._path.write_bytes(self._buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+        self._closed = True
+
+
+class _RemoteRecordFactory:
+    """tensorboardX's writer-factory interface (record_writer.register_writer_factory)."""
+
+    def open(self, path: str) -> _RemoteRecordFile:
+        return _RemoteRecordFile(path)
+
+    def directory_check(self, path: str) -> None:
+        del path  # object stores have no directories to create
 
 
 class Throughput:

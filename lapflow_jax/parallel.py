@@ -1,49 +1,82 @@
-"""Device mesh, logical-axis rules and shardings: every placement decision lives here.
+"""Device mesh, logical-axis rules and shardings, multi-host input: every placement decision lives here.
 
-Parameters carry logical axis names (see models/mot.py); `logical_rules` maps them to the mesh
-axes ('data', 'model'):
+Parameters carry logical axis names (models/mot.py); `logical_rules` maps them, and the names of
+the key activations, to the mesh axes ('data', 'model'):
 
-- data parallel: the batch is split over 'data';
-- tensor parallel (Megatron style) over 'model': column-parallel QKV and MLP-in (their output
-  axes 'qkv' / 'mlp'), row-parallel attention-out and MLP-out (their input axes 'heads' / 'mlp');
+- data parallel: the batch (and every activation's batch axis) is split over 'data';
+- tensor parallel (Megatron style) over 'model': column-parallel QKV, MLP-in and adaLN (their
+  output axes 'qkv' / 'mlp' / 'modulation'), row-parallel attention-out and MLP-out (their input
+  axes 'heads' / 'mlp'); attention runs on the heads of each device;
 - FSDP (optional): the 'embed' axis of parameters, and so of the optimizer state and EMA, is
-  sharded over 'data' as well.
+  sharded over 'data' as well (ZeRO-3: the compiler all-gathers each weight where it is used).
+
+Multi-host: every process runs the same program. The global batch is read as `input_shards`
+equal slices by Grain iterators, one per shard; each process reads the shards whose rows its
+devices hold (`InputShards`), and `global_batch` assembles the slices into global arrays. With
+a fixed shard count the global batch of every step is the same whatever the number of processes.
 
 Sharded results equal single-device results up to float reassociation (tests/test_parallel.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import dataclasses
+import functools
+import json
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from flax.linen import spmd as linen_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "model")
 
+# Logical names of activation axes (distinct from the parameter names: with FSDP a parameter's
+# 'embed' axis is sharded over 'data', an activation's never is, since 'data' holds its batch).
+ACTIVATION_RULES = (
+    ("activation_batch", "data"),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "model"),
+    ("activation_mlp", "model"),
+)
+
 
 def logical_rules(fsdp: bool = False) -> tuple[tuple[str, str | None], ...]:
-    """Logical axis name -> mesh axis (None = replicated)."""
+    """Logical axis name -> mesh axis (None = replicated), parameters and activations.
+
+    A mesh axis is used at most once per array: the first matching rule wins (flax's logic).
+    """
     return (
         ("batch", "data"),
         ("embed", "data" if fsdp else None),
         ("mlp", "model"),
         ("qkv", "model"),
         ("heads", "model"),
+        ("modulation", "model"),
+        ("layers", None),
         ("scale", None),
         ("vocab", None),
         ("patch", None),
         ("freq", None),
         ("embed_out", None),
-    )
+    ) + ACTIVATION_RULES
+
+
+def spec_for(names: Sequence[str | None], rules) -> P:
+    """PartitionSpec of an array whose axes carry these logical names."""
+    return linen_spmd.logical_to_mesh_axes(tuple(names), rules)
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'model') mesh; one entry of `shape` may be -1, meaning "the rest of the devices".
 
     Raises a ValueError naming `config.mesh_shape` when the shape cannot use exactly the devices.
+    Axes are Auto (the compiler propagates shardings from the ones we state).
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = [int(s) for s in shape]
@@ -60,13 +93,9 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
         raise ValueError(
             f"config.mesh_shape={tuple(shape)} needs {int(np.prod(shape))} devices, but {len(devices)} are "
             f"available ({jax.process_count()} process(es)).")
-    device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES)
-
-
-def _spec_from_names(names, rules) -> P:
-    table = dict(rules)
-    return P(*[table.get(n) if n is not None else None for n in names])
+    # jax.make_mesh lays devices out by the physical topology on TPU (plain order elsewhere).
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def param_specs(abstract_model: nnx.Module, rules) -> Any:
@@ -75,10 +104,37 @@ def param_specs(abstract_model: nnx.Module, rules) -> Any:
 
     def spec(variable):
         names = variable.get_metadata().get("out_sharding")
-        return _spec_from_names(names, rules) if names else P()
+        return spec_for(names, rules) if names else P()
 
     specs = jax.tree.map(spec, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(specs)
+
+
+def check_divisible(abstract_params: Any, specs: Any, mesh: Mesh, *, num_heads: int | None = None,
+                    what: str = "config.mesh_shape") -> None:
+    """Every sharded dimension must divide by its mesh axis, and the 'model' axis the head count
+    (Megatron attention runs whole heads per device); raises a ValueError naming what does not.
+
+    Run before anything compiles (jit would otherwise fail deep inside with a less clear message).
+    """
+    model = mesh.shape["model"]
+    if num_heads is not None and num_heads % model:
+        raise ValueError(f"{what}={tuple(mesh.devices.shape)}: the 'model' axis ({model}) must divide the number "
+                         f"of attention heads ({num_heads}, config.model.num_heads or the preset's).")
+    bad = []
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    for (path, leaf), spec in zip(leaves, spec_leaves):
+        for dim, axis in zip(leaf.shape, spec):
+            axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
+            size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+            if dim % size:
+                bad.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} -> {spec}: {dim} % {size} != 0")
+    if bad:
+        raise ValueError(f"{what}={tuple(mesh.devices.shape)} (axes {mesh.axis_names}) cannot shard these "
+                         "parameters evenly:\n  " + "\n  ".join(bad[:10])
+                         + "\nChoose a 'model' axis that divides the head count and widths (or turn off "
+                           "config.fsdp, whose 'data' axis must divide the hidden size).")
 
 
 def _keystr(path) -> tuple:
@@ -111,19 +167,208 @@ def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis over 'data'; everything else replicated."""
     return NamedSharding(mesh, P("data"))
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each host's slice of the batch into global arrays sharded over 'data'."""
+# --- Activation sharding constraints -----------------------------------------------------------
+
+class _ActivationContext(threading.local):
+    mesh: Mesh | None = None
+    rules: tuple = ()
+
+
+_ACTIVE = _ActivationContext()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules) -> Iterator[None]:
+    """Within this context (while a jitted function traces), `constrain` pins activations."""
+    before = (_ACTIVE.mesh, _ACTIVE.rules)
+    _ACTIVE.mesh, _ACTIVE.rules = mesh, tuple(rules)
+    try:
+        yield
+    finally:
+        _ACTIVE.mesh, _ACTIVE.rules = before
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names; the identity outside `activation_sharding`.
+
+    A dimension that does not divide by its mesh axis is left unconstrained (e.g. a sampling batch
+    of 2 on 8 devices), so the model runs on any batch.
+    """
+    mesh = _ACTIVE.mesh
+    if mesh is None:
+        return x
+    spec = list(spec_for(names, _ACTIVE.rules))
+    for i, axis in enumerate(spec):
+        if axis is not None and x.shape[i] % mesh.shape[axis]:
+            spec[i] = None
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+# --- Multi-host input ---------------------------------------------------------------------------
+
+def input_groups(mesh: Mesh) -> tuple[int, int]:
+    """(this process's group, number of groups): processes whose devices hold the same rows of a
+    batch sharded over 'data' form a group and read the same data.
+
+    Groups are ordered by their first row. Usually (CPU, GPU, and TPU slices whose hosts hold
+    adjacent devices) each group holds one contiguous block of rows, and the global batch is the
+    groups' data in order. Where a topology-aware mesh gives a host scattered rows,
+    `make_array_from_process_local_data` places its data on them in order, which is still a
+    valid batch, only arranged differently from a one-process run.
+    """
+    rows_of = {}
+    for i, row in enumerate(mesh.devices):
+        for device in np.ravel(row):
+            rows_of.setdefault(device.process_index, set()).add(i)
+    groups = sorted({tuple(sorted(rows)) for rows in rows_of.values()})
+    seen = [r for g in groups for r in g]
+    if len(seen) != len(set(seen)):
+        raise ValueError(f"hosts hold overlapping rows of the mesh's 'data' axis: {groups}; choose "
+                         "config.mesh_shape so that hosts holding any row of a device row hold all of it.")
+    if len({len(g) for g in groups}) != 1:
+        raise ValueError(f"hosts hold different numbers of 'data' rows: {groups}.")
+    return groups.index(tuple(sorted(rows_of[jax.process_index()]))), len(groups)
+
+
+class InputShards:
+    """The global batch read as `count` equal shards; this process reads shards [first, first + n).
+
+    next() concatenates this process's shards' batches (its rows of the global batch, in order).
+    State is one Grain iterator state per shard: get_state() returns JSON bytes, which
+    `grain.checkpoint.CheckpointHandler` stores per process, and set_state() refuses a state saved
+    with another shard layout.
+    """
+
+    def __init__(self, make_iterator: Callable[[int, int], Any], *, first: int, num: int, count: int):
+        self.first, self.num, self.count = first, num, count
+        self.iterators = [make_iterator(first + i, count) for i in range(num)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"input_shards": self.count, "shards": {
+            str(self.first + i): it.get_state() for i, it in enumerate(self.iterators)}}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        state = json.loads(state)
+        mine = [str(self.first + i) for i in range(self.num)]
+        if state.get("input_shards") != self.count or any(k not in state["shards"] for k in mine):
+            raise ValueError(
+                f"the checkpoint's data iterator state holds input shards {sorted(state['shards'])} of "
+                f"{state.get('input_shards')}, but this process reads shards {mine} of {self.count}. Resume "
+                "with the same number of processes per data block (or the same config.input_shards).")
+        for key, it in zip(mine, self.iterators):
+            it.set_state(state["shards"][key])
+
+    def start_prefetch(self) -> None:
+        for it in self.iterators:
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()
+
+
+@functools.cache
+def input_shards_checkpointing() -> tuple[type, type, type]:
+    """(handler, save args, restore args) of `InputShards` for an Orbax CheckpointManager item.
+
+    The handler saves like Grain's (one `process_<i>-of-<P>.json` per process) and restores from
+    all processes' files, so a run resumes onto another number of processes or another mesh (a
+    process may now read shards another one read before). Built on first use: the model imports
+    this module, and should not pay for importing Grain and Orbax.
+    """
+    import grain
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    class InputShardsHandler(grain.checkpoint.CheckpointHandler):
+        @classmethod
+        def typestr(cls):
+            return "lapflow_jax.parallel.InputShardsHandler"
+
+        def restore(self, directory, item=None, args=None):
+            item = item or args.item
+            if not isinstance(item, InputShards):  # a plain Grain iterator: Grain's own restore
+                return super().restore(directory, item=item)
+            merged, counts = {}, set()
+            for path in sorted(epath.Path(directory).glob("process_*-of-*.json")):
+                state = json.loads(path.read_text())
+                if "shards" not in state:
+                    raise ValueError(f"{path} is not an InputShards state (a checkpoint of an older version?).")
+                counts.add(state["input_shards"])
+                merged.update(state["shards"])
+            if not counts:
+                raise ValueError(f"no data iterator state (process_*-of-*.json) in {directory}.")
+            if len(counts) != 1:
+                raise ValueError(f"data iterator states in {directory} disagree on the shard count: {sorted(counts)}.")
+            item.set_state(json.dumps({"input_shards": counts.pop(), "shards": merged}).encode())
+            item.start_prefetch()
+            return item
+
+    @ocp.args.register_with_handler(InputShardsHandler, for_save=True)
+    @dataclasses.dataclass
+    class InputShardsSave(ocp.args.CheckpointArgs):
+        item: Any
+
+    @ocp.args.register_with_handler(InputShardsHandler, for_restore=True)
+    @dataclasses.dataclass
+    class InputShardsRestore(ocp.args.CheckpointArgs):
+        item: Any
+
+    return InputShardsHandler, InputShardsSave, InputShardsRestore
+
+
+def make_input_shards(mesh: Mesh, make_iterator: Callable[[int, int], Any], input_shards: int = 0) -> InputShards:
+    """This process's input iterators for a batch sharded over the mesh's 'data' axis.
+
+    Args:
+      mesh: the training mesh.
+      make_iterator: (shard_index, shard_count) -> iterator of that shard's host batches.
+      input_shards: how many shards the global batch is read as; 0 = one per process group (see
+        `input_groups`). A fixed value (a multiple of every group count you will use) makes the
+        data of every step independent of the number of processes.
+    """
+    group, groups = input_groups(mesh)
+    count = input_shards or groups
+    if count % groups:
+        raise ValueError(f"config.input_shards={input_shards} must be a multiple of the {groups} process "
+                         "group(s) reading distinct rows of the batch.")
+    per_group = count // groups
+    return InputShards(make_iterator, first=group * per_group, num=per_group, count=count)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
+                 global_batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Assembles each host's rows of the batch into global arrays sharded over 'data'.
+
+    global_batch_size: the batch over all processes (needed when several processes hold the same
+    rows, e.g. a mesh whose 'data' axis does not span the hosts); default: inferred.
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+    def one(v):
+        v = np.asarray(v)
+        shape = None if global_batch_size is None else (global_batch_size,) + v.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, v, shape)
+
+    return {k: one(v) for k, v in local_batch.items()}
 
 
 def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
-    """Bytes each device holds for a tree of ShapeDtypeStructs under the given NamedShardings."""
+    """Bytes each device holds for a tree of ShapeDtypeStructs under the given NamedShardings
+    (the largest shard, where a dimension does not split evenly)."""
     total = 0
     for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
             shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):

@@ -89,18 +89,20 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
     stage_sizes = config_lib.validate(config)
     mesh = mesh or parallel.make_mesh(config.mesh_shape)
     config_lib.validate_for_mesh(config, mesh.shape["data"])
-    image_shape = pipeline.image_shape(config.data)
+    image_shape = config_lib.input_shape(config)  # the latent's shape in latent mode
     num_classes = config_lib.validate_labels(config, pipeline.num_classes(config.data))
     abstract_model = nnx.eval_shape(lambda: build_model(config, image_shape=image_shape, num_classes=num_classes,
                                                         rngs=nnx.Rngs(config.seed)))
     graphdef, _ = nnx.split(abstract_model)
     tx, schedule = make_optimizer(config.train)
     weights = tuple(config.train.scale_weights or (1.0,) * config.num_scales)
+    specs = parallel.param_specs(abstract_model, parallel.logical_rules(config.fsdp))
+    # Before anything compiles: every sharded dimension divides by its mesh axis.
+    parallel.check_divisible(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)), specs, mesh,
+                             num_heads=abstract_model.num_heads)
     return Setup(config=config, image_shape=image_shape, num_classes=num_classes, stage_sizes=stage_sizes,
                  scale_weights=weights, path=paths.MultiScalePath(tuple(config.window_starts), config.path_kind),
-                 mesh=mesh, graphdef=graphdef,
-                 param_specs=parallel.param_specs(abstract_model, parallel.logical_rules(config.fsdp)),
-                 tx=tx, schedule=schedule)
+                 mesh=mesh, graphdef=graphdef, param_specs=specs, tx=tx, schedule=schedule)
 
 
 def _init_state(setup: Setup, sigmas: jax.Array) -> TrainState:
@@ -130,8 +132,14 @@ def make_train_step(setup: Setup):
     cfg = setup.config
     base_rng = jax.random.key(cfg.seed)
     decay = cfg.train.ema_decay
+    rules = parallel.logical_rules(cfg.fsdp)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
+        # The model pins its key activations by logical names while it traces in here.
+        with parallel.activation_sharding(setup.mesh, rules):
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(base_rng, state.step)
         label_rng, loss_rng = jax.random.split(rng)
         residuals = pyramid.decompose(batch["image"], cfg.num_scales, down=cfg.pyramid.down, up=cfg.pyramid.up)
@@ -156,8 +164,9 @@ def make_train_step(setup: Setup):
 
     shardings, _ = state_shardings(setup)
     batch_sharding = parallel.batch_sharding(setup.mesh)
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                   donate_argnums=0)
+    # Metrics replicated: every process can read them (float(loss)) without gathering.
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, parallel.replicated(setup.mesh)), donate_argnums=0)
 
 
 def measure_sigmas(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -171,8 +180,17 @@ def measure_sigmas(config: ml_collections.ConfigDict) -> np.ndarray:
     it = pipeline.make_train_iterator(config.data, global_batch_size=config.train.global_batch_size,
                                       seed=config.seed + 1, process_index=0, process_count=1)
     images = np.concatenate([next(it)["image"] for _ in range(config.pyramid.sigma_batches)])
-    return np.asarray(pyramid.measure_sigmas(images, config.num_scales, down=config.pyramid.down,
-                                             up=config.pyramid.up), np.float32)
+    sigmas = np.asarray(pyramid.measure_sigmas(images, config.num_scales, down=config.pyramid.down,
+                                               up=config.pyramid.up), np.float32)
+    # A std at pyramid's floor means a scale without any signal (blank or constant images, or a
+    # broken decode): training on it is pointless, so stop here, before anything compiles.
+    bad = [k for k, s in enumerate(sigmas) if not np.isfinite(s) or s <= pyramid.SIGMA_FLOOR * (1 + 1e-6)]
+    if bad:
+        raise ValueError(
+            f"per-scale std measured from {images.shape[0]} training images is {sigmas.tolist()} (finest first): "
+            f"scale(s) {bad} have no signal (blank or constant images in config.data?). Check the data, or set "
+            "config.pyramid.sigmas explicitly.")
+    return sigmas
 
 
 def compiled_flops(compiled) -> float | None:
@@ -214,7 +232,8 @@ def param_table(setup: Setup, params) -> str:
     shared = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = "/".join(str(getattr(p, "key", p)) for p in path)
-        stacked = leaf.ndim >= 1 and leaf.shape[0] == L and any(
+        # [L, ...], or [depth, L, ...] with config.model.scan_layers.
+        stacked = leaf.ndim >= 1 and L in leaf.shape[:2] and any(
             n in names for n in ("adaln", "qkv", "out", "mlp_in", "mlp_out", "final_adaln", "scale_embed"))
         per_expert = any(f"/{k}/" in f"/{names}/" for k in range(L)) and (
             "patch_embed" in names or "final_linear" in names)
@@ -240,26 +259,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     primary = jax.process_index() == 0
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json(indent=2))
     writer = metrics_lib.MetricWriter(workdir / "tensorboard", enabled=primary, jsonl_path=workdir / "metrics.jsonl")
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
                                          keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    data_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.train.global_batch_size,
-                                             seed=config.seed)
+    # This process's rows of every global batch, read as config.input_shards Grain shards.
+    data_iter = parallel.make_input_shards(setup.mesh, functools.partial(
+        _shard_iterator, config.data, config.train.global_batch_size, config.seed), config.input_shards)
     shardings, abstract = state_shardings(setup)
     latest = checkpointer.latest_step()
     if latest is not None:
-        diffs = ckpt_lib.config_differences(checkpointer.restore_config(latest), config)
-        if diffs:
-            raise ValueError(
-                f"workdir {workdir} holds a checkpoint (step {latest}) made with a different config:\n  "
-                + "\n  ".join(diffs) + "\nUse a new --workdir, or delete its checkpoints/ to start over.")
+        # Refuses a changed model/scales/windows/batch (listing them) before anything compiles;
+        # restore() then checks every array's shape against this model.
+        checkpointer.check_resume(latest, config)
         state = checkpointer.restore(latest, ckpt_lib.abstract_with_shardings(abstract, shardings), data_iter)
         logging.info("Resumed from step %d in %s", latest, workdir)
     else:
         state = create_state(setup, measure_sigmas(config))
         logging.info("Per-scale sigmas (finest first): %s", np.asarray(state.sigmas).round(4).tolist())
     if primary:
+        # Written only once the resume guard has accepted this config, so that a refused resume
+        # leaves the workdir describing its checkpoints.
+        (workdir / "config.json").write_text(config.to_json(indent=2))
         logging.info("Parameters:\n%s", param_table(setup, state.params))
 
     train_step = make_train_step(setup)
@@ -270,7 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     consecutive_bad = 0
     with _Preemption() as preemption:
         while step < total:
-            batch = parallel.global_batch(next(data_iter), setup.mesh)
+            batch = parallel.global_batch(next(data_iter), setup.mesh, config.train.global_batch_size)
             if throughput is None:
                 # Compile once, ahead of time: the same executable gives the FLOP count and runs
                 # every step (it cannot silently recompile).
@@ -301,8 +321,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if config.log.sample_every_steps and step % config.log.sample_every_steps == 0 and step < total:
                 write_samples(setup, state, workdir, writer, step)
             stop = preemption.requested or checkpointer.reached_preemption(step)
-            # A skipped step leaves params and moments untouched, so every state is safe to save.
-            checkpointer.save(step, state, data_iter, config, force=stop or step == total)
+            # A skipped step leaves params and moments untouched, so every state is safe to save;
+            # still, no interval save inside a streak of skipped steps, so that keep-N rotation never
+            # replaces the checkpoints from before the streak (the last good ones).
+            if consecutive_bad == 0 or stop or step == total:
+                checkpointer.save(step, state, data_iter, config, force=stop or step == total)
             if stop:
                 logging.warning("Preempted: checkpoint at step %d saved; exiting.", step)
                 break
@@ -315,15 +338,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return summary
 
 
+def _shard_iterator(data_config, global_batch_size: int, seed: int, shard: int, count: int):
+    return pipeline.make_train_iterator(data_config, global_batch_size=global_batch_size, seed=seed,
+                                        process_index=shard, process_count=count)
+
+
 def write_samples(setup: Setup, state: TrainState, workdir: epath.Path, writer, step: int) -> str | None:
     """Samples a grid (EMA weights by default), saves it as PNG and to TensorBoard (process 0)."""
     cfg = setup.config
     params = state.ema_params if cfg.sample.use_ema else state.params
     rng = jax.random.fold_in(jax.random.key(cfg.seed + 7), step)
     t0 = time.perf_counter()
+    # Sampled on the training mesh (params stay sharded, noise is made on the devices); the batch
+    # is padded to a multiple of the 'data' axis and trimmed back.
+    data = setup.mesh.shape["data"]
+    padded = -(-cfg.sample.num_images // data) * data
     out = generate_lib.generate(cfg, setup.graphdef, params, np.asarray(state.sigmas), image_shape=setup.image_shape,
-                                num_classes=setup.num_classes, rng=rng, batch=cfg.sample.num_images,
-                                previews=cfg.sample.previews)
+                                num_classes=setup.num_classes, rng=rng, batch=padded,
+                                previews=cfg.sample.previews, mesh=setup.mesh)
+    out.images = out.images[:cfg.sample.num_images]
+    out.previews = out.previews and [p[:cfg.sample.num_images] for p in out.previews]
     if jax.process_index() != 0:
         return None
     path = workdir / "samples" / f"samples_step{step:07d}.png"

@@ -39,6 +39,7 @@ import re
 from pathlib import Path
 
 from absl import logging
+from etils import epath
 from PIL import Image, ImageFile, ImageOps
 
 from lapflow_jax.data import sources
@@ -245,11 +246,23 @@ def build_image_folder(folder: str | os.PathLike, data_dir: str = "") -> ImageFo
       ImageFolderDataset describing the build (reused when already built).
     """
     listing = list_image_folder(folder)
-    data_dir = str(Path(data_dir or sources.default_tfds_data_dir()).expanduser().resolve())
-    version_dir = Path(data_dir) / BUILDER_NAME / listing.config_name / BUILDER_VERSION
+    data_dir = os.fspath(data_dir or sources.default_tfds_data_dir())
+    if "://" not in data_dir:  # local: made absolute; a gs:// data_dir is kept as it is
+        data_dir = str(Path(data_dir).expanduser().resolve())
+    version_dir = epath.Path(data_dir) / BUILDER_NAME / listing.config_name / BUILDER_VERSION
     skipped_file = version_dir / SKIPPED_FILENAME
     info_file = version_dir / "dataset_info.json"
     if not info_file.is_file():
+        if "://" in data_dir:
+            # array_record's writer opens local files only; its reader (training) reads gs://.
+            raise ValueError(
+                f"image folder {listing.folder} is not built under data_dir {data_dir}, and builds "
+                f"cannot be written to a remote data_dir. Build it into a local data_dir "
+                f"(python -m lapflow_jax.data.image_folder --folder={listing.folder} "
+                f"--data_dir=/tmp/tfds), copy that folder to {data_dir} (gcloud storage cp -r "
+                f"/tmp/tfds/{BUILDER_NAME} {data_dir}/), then train with config data.name='tfds', "
+                f"data.tfds_name='{BUILDER_NAME}/{listing.config_name}:{BUILDER_VERSION}' and "
+                f"data.data_dir={data_dir}.")
         builder = _make_builder(listing, data_dir)
         logging.info("Building image folder %s (%d files) into %s", listing.folder,
                      len(listing.files), version_dir)

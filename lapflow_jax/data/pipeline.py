@@ -49,16 +49,18 @@ guard in scripts.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image
 
-from lapflow_jax.data import sources
+from lapflow_jax.data import latents, sources
 
-NAMES = ("demo_photos", "image_folder", "tfds", "fashion_mnist")
+NAMES = ("demo_photos", "image_folder", "tfds", "fashion_mnist", "latents")
 CROPS = ("center", "random")
 
 
@@ -75,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     # the folder of the idx files ("" = /usr/share/datasets/fashion-mnist).
     c.data_dir = ""
     c.folder = ""  # for name="image_folder".
+    # For name="latents" (latent mode): the folder `python -m lapflow_jax.latents` wrote;
+    # records are latents drawn from the cached posteriors (data/latents.py).
+    c.latents_dir = ""
     c.split = "train"  # training split; tfds slices such as "train[:90%]" work.
     c.image_size = 32  # square output side H = W.
     c.channels = 3  # 3 (RGB) or 1 (grayscale); sources are converted as needed.
@@ -85,6 +90,12 @@ def default_config() -> ml_collections.ConfigDict:
     # ready, threads reading in each process, batches prefetched per process.
     c.num_workers = 0
     c.worker_buffer_size = 2
+    # Bad records (corrupt or truncated JPEG/PNG, NaN/Inf pixel arrays, or a short side below
+    # min_side_ratio * image_size, i.e. upscaled more than 4x by default; 0 keeps every size)
+    # are replaced by the next usable record, counted and logged with their ids; the run stops
+    # once more than max_skipped_fraction of this host's records are bad (0: at the first one).
+    c.max_skipped_fraction = 0.01
+    c.min_side_ratio = 0.25
     c.read_threads = 4
     c.prefetch_buffer_size = 8
     # Demo photos: records per split, the seed that fixes their crops, the photos
@@ -110,11 +121,20 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config data.channels must be 1 or 3, got {cfg.channels}")
     if int(cfg.num_workers) < 0:
         raise ValueError(f"config data.num_workers must be >= 0, got {cfg.num_workers}")
+    if not 0.0 <= float(cfg.get("max_skipped_fraction", 0.0)) <= 1.0:
+        raise ValueError(f"config data.max_skipped_fraction must be in [0, 1], got {cfg.max_skipped_fraction}")
+    if not 0.0 <= float(cfg.get("min_side_ratio", 0.0)) <= 1.0:
+        raise ValueError(f"config data.min_side_ratio must be in [0, 1], got {cfg.min_side_ratio}")
 
 
 def image_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    """(H, W, C) of the images the iterators yield, without reading any data."""
+    """(H, W, C) of the images the iterators yield, without reading any data.
+
+    For name="latents", the latent shape from the cache's info file.
+    """
     _check_config(cfg)
+    if cfg.name == "latents":
+        return latents.latent_shape(cfg.latents_dir)
     return (int(cfg.image_size), int(cfg.image_size), int(cfg.channels))
 
 
@@ -136,6 +156,8 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
         from lapflow_jax.data import image_folder  # pylint: disable=import-outside-toplevel
 
         return len(image_folder.list_image_folder(cfg.folder).classes)
+    if cfg.name == "latents":
+        return latents.num_classes(cfg.latents_dir)
     return sources.tfds_num_classes(cfg.tfds_name, cfg.data_dir)
 
 
@@ -144,6 +166,8 @@ def make_source(cfg: ml_collections.ConfigDict, split: str):
 
     Demo photos: "train" gives ``num_records`` crops from ``demo_seed``; any other split
     gives ``num_eval_records`` different crops of the same photos (another seed).
+    Latents: the cached records of ``latents_dir`` (one split, the one cached; ``split``
+    is not used).
     """
     _check_config(cfg)
     if cfg.name == "demo_photos":
@@ -162,6 +186,8 @@ def make_source(cfg: ml_collections.ConfigDict, split: str):
         from lapflow_jax.data import image_folder  # pylint: disable=import-outside-toplevel
 
         return image_folder.image_folder_source(cfg.folder, data_dir=cfg.data_dir, split=split)
+    if cfg.name == "latents":
+        return latents.LatentSource(cfg.latents_dir)
     return sources.tfds_source(cfg.tfds_name, data_dir=cfg.data_dir, split=split)
 
 
@@ -173,11 +199,17 @@ class Preprocess(grain.transforms.MapWithIndex):
     around and slicing/shuffling keep the epoch), so the random draws are a function
     of (seed, epoch, record_index) only.
 
-    Output: {"image": uint8 [S, S, C], "label": int32 scalar}.
+    Bad records (see ``decode``) are replaced by the next usable record of ``source``
+    (index + 1, + 2, ...; a deterministic choice, so resume stays exact and hosts stay in
+    lock-step), keeping the bad record's own random draws; without a source they raise.
+
+    Output: {"image": uint8 [S, S, C], "label": int32 scalar, "bad_index": int64 scalar},
+    bad_index being the index of the bad record this one replaces, or -1.
     """
 
     def __init__(self, *, num_records: int, image_size: int, channels: int, crop: str,
-                 random_flip: bool, use_labels: bool, seed: int):
+                 random_flip: bool, use_labels: bool, seed: int, source: Any = None,
+                 min_side_ratio: float = 0.0):
         self.num_records = int(num_records)
         self.image_size = int(image_size)
         self.channels = int(channels)
@@ -185,12 +217,60 @@ class Preprocess(grain.transforms.MapWithIndex):
         self.random_flip = bool(random_flip)
         self.use_labels = bool(use_labels)
         self.seed = int(seed)
+        self.source = source
+        self.min_side_ratio = float(min_side_ratio)
+
+    def decode(self, record: dict[str, Any]) -> np.ndarray:
+        """The record's image, uint8 [H, W, 1|3]; raises BadRecordError saying why it is unusable."""
+        if "image" not in record:
+            raise BadRecordError(f"no 'image' field (keys: {sorted(record)})")
+        try:
+            image = sources.decode_image(record["image"])
+        except Exception as e:  # noqa: BLE001 - any decode failure makes this one record bad
+            # One line per record; PIL names the in-memory file by its address, which says nothing.
+            why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(the record's bytes)", f"{type(e).__name__}: {e}")
+            raise BadRecordError(" ".join(why.split())) from e
+        need = self.min_side_ratio * self.image_size
+        if min(image.shape[:2]) < need:
+            raise BadRecordError(
+                f"image is {image.shape[0]}x{image.shape[1]}, its short side is below config "
+                f"data.min_side_ratio={self.min_side_ratio:g} x data.image_size={self.image_size} = {need:g}")
+        return image
+
+    def describe(self, record_index: int) -> tuple[str, str]:
+        """(id, reason) of a record: its index and file name when the record has one."""
+        record = self.source[int(record_index)]
+        name = next((record[k] for k in _NAME_FIELDS if k in record), None)
+        if isinstance(name, (bytes, np.bytes_)):
+            name = bytes(name).decode("utf-8", "replace")
+        rid = f"record {record_index}" + (f" ({name})" if name is not None else "")
+        try:
+            self.decode(record)
+        except BadRecordError as e:
+            return rid, str(e)
+        return rid, "unusable when read, usable when read again (flaky storage?)"
+
+    def _replacement(self, record_index: int, why: BadRecordError) -> tuple[dict[str, Any], np.ndarray]:
+        if self.source is None:
+            raise BadRecordError(f"record {record_index}: {why}") from why
+        tries = min(self.num_records - 1, _MAX_REPLACEMENT_TRIES)
+        for j in range(1, tries + 1):
+            record = self.source[(record_index + j) % self.num_records]
+            try:
+                return record, self.decode(record)
+            except BadRecordError:
+                continue
+        raise BadRecordError(f"record {record_index} ({why}) and the {tries} records after it are all "
+                             "unusable: the dataset looks broken, check config data.*") from why
 
     def map_with_index(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
         epoch, record_index = divmod(int(index), self.num_records)
-        if "image" not in record:
-            raise KeyError(f"record {record_index} has no 'image' (keys: {sorted(record)})")
-        image = sources.decode_image(record["image"])
+        bad_index = -1
+        try:
+            image = self.decode(record)
+        except BadRecordError as e:
+            bad_index = record_index
+            record, image = self._replacement(record_index, e)
         # Both draws always happen so that one option does not shift the other's.
         rng = np.random.default_rng([self.seed, 2, epoch, record_index])
         u_crop, u_flip = rng.random(2)
@@ -215,7 +295,56 @@ class Preprocess(grain.transforms.MapWithIndex):
         if self.random_flip and u_flip < 0.5:
             image = image[:, ::-1]
         label = int(record.get("label", 0)) if self.use_labels else 0
-        return {"image": np.ascontiguousarray(image), "label": np.int32(label)}
+        return {"image": np.ascontiguousarray(image), "label": np.int32(label),
+                "bad_index": np.int64(bad_index)}
+
+
+class BadRecordError(ValueError):
+    """One record cannot be used (corrupt, truncated, non-finite or too small)."""
+
+
+class TooManyBadRecordsError(ValueError):
+    """More records were bad than config data.max_skipped_fraction allows."""
+
+
+# Record fields that name the file a record came from (image folders, celeb_a_hq, imagenet2012).
+_NAME_FIELDS = ("path", "image/filename", "file_name", "filename", "id")
+_MAX_REPLACEMENT_TRIES = 100
+
+
+class SkipMonitor(grain.transforms.Map):
+    """Counts and logs bad records in the main process; stops when there are too many.
+
+    Runs after the batches come back from the worker processes, so every replacement made in
+    a worker is seen here: each bad record is logged once, with its id and the reason, and
+    the iterator raises TooManyBadRecordsError as soon as more than ``max_fraction`` of the
+    ``num_records`` records this host reads are bad. Drops "bad_index" from the batch.
+    """
+
+    def __init__(self, preprocess: Preprocess, num_records: int, max_fraction: float):
+        self.preprocess = preprocess
+        self.num_records = int(num_records)
+        self.max_fraction = float(max_fraction)
+        self.bad: dict[int, str] = {}
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = dict(batch)
+        marks = np.asarray(out.pop("bad_index"))
+        for i in sorted({int(x) for x in marks[marks >= 0]} - set(self.bad)):
+            rid, why = self.preprocess.describe(i)
+            self.bad[i] = f"{rid}: {why}"
+            logging.warning("Skipped bad %s: %s; the next usable record took its place. %d of the %d records "
+                            "of this host are bad so far (limit: config data.max_skipped_fraction=%g).",
+                            rid, why, len(self.bad), self.num_records, self.max_fraction)
+        if len(self.bad) > self.max_fraction * self.num_records:
+            listing = "\n  ".join(self.bad[i] for i in sorted(self.bad)[:10])
+            more = f"\n  ... and {len(self.bad) - 10} more" if len(self.bad) > 10 else ""
+            raise TooManyBadRecordsError(
+                f"{len(self.bad)} of the {self.num_records} records this host reads are unusable "
+                f"({len(self.bad) / self.num_records:.2%}), more than config data.max_skipped_fraction="
+                f"{self.max_fraction:g} allows:\n  {listing}{more}\nFix or remove them (for an image folder, "
+                "a rebuild skips undecodable files), or raise config data.max_skipped_fraction.")
+        return out
 
 
 class ToFloat(grain.transforms.Map):
@@ -257,7 +386,8 @@ def shard_indices(num_records: int, process_index: int, process_count: int) -> n
     return np.arange(process_index, per_host * process_count, process_count)
 
 
-def _finish(ds: grain.MapDataset, cfg: ml_collections.ConfigDict) -> grain.DatasetIterator:
+def _finish(ds: grain.MapDataset, cfg: ml_collections.ConfigDict,
+            monitor: SkipMonitor | None = None) -> grain.DatasetIterator:
     it_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=int(cfg.read_threads),
         prefetch_buffer_size=max(int(cfg.prefetch_buffer_size), int(cfg.read_threads))))
@@ -265,7 +395,10 @@ def _finish(ds: grain.MapDataset, cfg: ml_collections.ConfigDict) -> grain.Datas
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=int(cfg.num_workers),
             per_worker_buffer_size=int(cfg.worker_buffer_size)))
-    return iter(it_ds.map(ToFloat()))
+    if cfg.name == "latents":  # already float32 latents
+        return iter(it_ds)
+    it_ds = it_ds.map(ToFloat())
+    return iter(it_ds.map(monitor) if monitor is not None else it_ds)
 
 
 def make_train_iterator(
@@ -300,13 +433,22 @@ def make_train_iterator(
     n = len(source)
     per_host = len(shard_indices(n, pi, pc))
     shuffle_seed = int(np.random.SeedSequence([int(seed), 1]).generate_state(1)[0])
-    ds = grain.MapDataset.source(source).map_with_index(Preprocess(
-        num_records=n, image_size=cfg.image_size, channels=cfg.channels, crop=cfg.crop,
-        random_flip=cfg.random_flip, use_labels=cfg.use_labels, seed=int(seed)))
+    monitor = None  # latents are sampled from cached posteriors: nothing to decode or skip
+    if cfg.name == "latents":
+        ds = grain.MapDataset.source(source).map_with_index(latents.SampleLatent(
+            num_records=n, info=source.info, random_flip=cfg.random_flip,
+            use_labels=cfg.use_labels, seed=int(seed)))
+    else:
+        preprocess = Preprocess(
+            num_records=n, image_size=cfg.image_size, channels=cfg.channels, crop=cfg.crop,
+            random_flip=cfg.random_flip, use_labels=cfg.use_labels, seed=int(seed),
+            source=source, min_side_ratio=cfg.get("min_side_ratio", 0.0))
+        monitor = SkipMonitor(preprocess, per_host, cfg.get("max_skipped_fraction", 0.0))
+        ds = grain.MapDataset.source(source).map_with_index(preprocess)
     ds = ds[pi:per_host * pc:pc]
     ds = ds.shuffle(seed=shuffle_seed).repeat(None)
     ds = ds.batch(b_local, drop_remainder=True)
-    return _finish(ds, cfg)
+    return _finish(ds, cfg, monitor)
 
 
 class _PaddedShard:
@@ -333,7 +475,7 @@ class _PaddedShard:
             rec["mask"] = np.bool_(True)
             return rec
         return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0),
-                "mask": np.bool_(False)}
+                "bad_index": np.int64(-1), "mask": np.bool_(False)}
 
 
 def make_eval_iterator(
@@ -365,20 +507,26 @@ def make_eval_iterator(
       "label": int32 [B_local], "mask": bool [B_local]}.
     """
     _check_config(cfg)
+    if cfg.name == "latents":
+        raise ValueError("config.data.name='latents' has no eval split: held-out images come from the "
+                         "pixel dataset config.latent.source (set the eval data from it)")
     pi, pc = _process_index_and_count(process_index, process_count)
     b_local = local_batch_size(int(batch_size), pc)
     source = make_source(cfg, split) if source is None else source
     n = len(source) if max_records is None else min(len(source), int(max_records))
     if n <= 0:
         raise ValueError(f"eval split {split!r} has no records")
-    records = grain.MapDataset.source(source).map_with_index(Preprocess(
+    preprocess = Preprocess(
         num_records=len(source), image_size=cfg.image_size, channels=cfg.channels,
-        crop="center", random_flip=False, use_labels=cfg.use_labels, seed=0))
+        crop="center", random_flip=False, use_labels=cfg.use_labels, seed=0,
+        source=source, min_side_ratio=cfg.get("min_side_ratio", 0.0))
+    records = grain.MapDataset.source(source).map_with_index(preprocess)
     per_host_max = -(-n // pc)
     num_batches = -(-per_host_max // b_local)
     padded = _PaddedShard(records, np.arange(pi, n, pc), num_batches * b_local, image_shape(cfg))
     ds = grain.MapDataset.source(padded).batch(b_local, drop_remainder=True)
-    return _finish(ds, cfg)
+    monitor = SkipMonitor(preprocess, len(padded.indices), cfg.get("max_skipped_fraction", 0.0))
+    return _finish(ds, cfg, monitor)
 
 
 def eval_num_batches(num_records: int, batch_size: int, process_count: int = 1) -> int:

@@ -24,10 +24,10 @@ import gzip
 import io
 import json
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from etils.epath import Path  # pathlib's API, plus gs:// data_dirs (through gcsfs or TF's gfile)
 from PIL import Image
 
 # Photos in skimage.data that load from the installed package (no pooch download),
@@ -107,6 +107,8 @@ def decode_image(image: Any) -> np.ndarray:
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype != np.uint8:
+        if not np.isfinite(arr).all():  # casting would silently turn NaN into some pixel value
+            raise ValueError(f"record 'image' ({arr.dtype} {arr.shape}) has NaN or Inf pixel values")
         arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -261,8 +263,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an idx file (the MNIST format), gzipped or not, into a numpy array."""
     path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:

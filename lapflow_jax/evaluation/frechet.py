@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 import scipy.linalg
+from etils import epath
 
 
 def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
@@ -122,15 +123,17 @@ def fid_from_features(features_a, features_b, method: str = "eigh") -> float:
 def save_stats(path: str | os.PathLike, mu, sigma) -> None:
     """Writes reference statistics as .npz with `mu` [D] and `sigma` [D, D] (float64)."""
     mu, sigma = _check_stats(mu, sigma, "the statistics to save")
-    with open(path, "wb") as f:  # an open file keeps np.savez from appending ".npz"
+    # epath: the cache may live in a gs:// workdir. An open file also keeps np.savez from
+    # appending ".npz".
+    with epath.Path(path).open("wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Reads `mu` [D] and `sigma` [D, D] from an .npz (ours, pytorch-fid's or TTUR's)."""
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"load_stats: no statistics file at {os.fspath(path)!r}")
-    with np.load(path, allow_pickle=False) as data:
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
         missing = {"mu", "sigma"} - set(data.files)
         if missing:
             raise ValueError(f"load_stats: {os.fspath(path)!r} lacks {sorted(missing)}; has {data.files}")

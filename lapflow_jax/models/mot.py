@@ -10,8 +10,16 @@ DiT (Peebles & Xie 2023) used as a SiT-style velocity model: the single-scale ba
 Conditioning is DiT's adaLN-Zero on (time embedding + class embedding). Class conditioning
 reserves index `num_classes` as the null class for classifier-free guidance.
 
-Parameters carry logical axis names (`scale`, `embed`, `mlp`, `heads`, `qkv`, `patch`, `vocab`);
-`parallel.py` maps them to mesh axes in one place.
+Parameters carry logical axis names (`scale`, `embed`, `mlp`, `heads`, `qkv`, `modulation`,
+`patch`, `vocab`, and `layers` when scanned); `parallel.py` maps them to mesh axes in one place.
+The key activations are pinned by logical names too (`parallel.constrain`: batch over 'data',
+heads and MLP hidden over 'model'), a no-op outside a training mesh.
+
+Memory and compile time: `remat` recomputes each block's activations in the backward pass under
+a policy (`REMAT_POLICIES`); `scan_layers` stores the blocks' weights stacked along a leading
+`layers` axis ([depth, L, ...], the per-scale experts stacked inside) and runs them with one
+`lax.scan`, so XLA compiles one block instead of `depth` copies. `stack_blocks`/`unstack_blocks`
+convert parameters between the two layouts.
 """
 
 from __future__ import annotations
@@ -24,14 +32,34 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lapflow_jax import parallel
 from lapflow_jax.models import attention
 
 # DiT's 256-wide sinusoidal frequency embedding of the time before its MLP.
 TIME_FREQUENCY_DIM = 256
 
+# Activation checkpointing of each block: what the forward pass keeps for the backward pass.
+# "none": everything (no recomputation); "full": only the block inputs (recompute the block);
+# "dots": matmul outputs; "dots_no_batch": matmul outputs without batch dims, i.e. the weight
+# matmuls' outputs but not the attention logits (MaxText's "minimal").
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Logical names of the key activations (see parallel.ACTIVATION_RULES).
+TOKENS = ("activation_batch", "activation_length", "activation_embed")
+HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
+
 
 def _param(init, axes, rngs: nnx.Rngs, shape) -> nnx.Param:
-    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, jnp.float32))
+    """A float32 parameter carrying logical axis names. It is never sharded on creation: the
+    logical names are mapped to a mesh in one place (parallel.py), after the model exists."""
+    with nnx.use_eager_sharding(False):
+        return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, jnp.float32))
 
 
 def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -126,7 +154,8 @@ class MoTBlock(nnx.Module):
         mlp_hidden = int(hidden * mlp_ratio)
         self.num_heads = num_heads
         self.attention_backend = attention_backend
-        self.adaln = ScaleDense(num_scales, hidden, 6 * hidden, ("embed", "mlp"), zero_init=True, dtype=dtype, rngs=rngs)
+        self.adaln = ScaleDense(num_scales, hidden, 6 * hidden, ("embed", "modulation"), zero_init=True, dtype=dtype,
+                                rngs=rngs)
         self.qkv = ScaleDense(num_scales, hidden, 3 * hidden, ("embed", "qkv"), dtype=dtype, rngs=rngs)
         self.out = ScaleDense(num_scales, hidden, hidden, ("heads", "embed"), dtype=dtype, rngs=rngs)
         self.mlp_in = ScaleDense(num_scales, hidden, mlp_hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
@@ -138,20 +167,27 @@ class MoTBlock(nnx.Module):
         cond = jax.nn.silu(cond)
         mods, qs, ks, vs = [], [], [], []
         for x, k in zip(xs, scales):
+            x = parallel.constrain(x, TOKENS)
             mod = jnp.split(self.adaln(cond, k), 6, axis=-1)
             mods.append(mod)
             qkv = self.qkv(_modulate(_layer_norm(x), mod[0], mod[1]), k)
             b, n, _ = qkv.shape
-            q, kk, v = jnp.split(qkv.reshape(b, n, 3 * self.num_heads, -1), 3, axis=2)
+            # Head-major columns (head, q/k/v, head_dim): a contiguous slice of the 3*hidden axis
+            # holds whole heads' q, k and v, so column-parallel QKV over 'model' gives each device
+            # its own heads with no resharding (Megatron).
+            qkv = qkv.reshape(b, n, self.num_heads, 3, -1)
+            q, kk, v = (parallel.constrain(qkv[:, :, :, i], HEADS) for i in range(3))
             qs.append(q), ks.append(kk), vs.append(v)
         attended = attention.block_causal_attention(qs, ks, vs, backend=self.attention_backend)
         outputs = []
         for x, k, mod, o in zip(xs, scales, mods, attended):
             b, n = o.shape[:2]
+            o = parallel.constrain(o, HEADS)
             x = x + mod[2][:, None] * self.out(o.reshape(b, n, -1), k)
             h = _modulate(_layer_norm(x), mod[3], mod[4])
-            h = self.mlp_out(jax.nn.gelu(self.mlp_in(h, k), approximate=True), k)
-            outputs.append(x + mod[5][:, None] * h)
+            h = parallel.constrain(jax.nn.gelu(self.mlp_in(h, k), approximate=True), HIDDEN)
+            h = self.mlp_out(h, k)
+            outputs.append(parallel.constrain(x + mod[5][:, None] * h, TOKENS))
         return outputs
 
 
@@ -169,12 +205,16 @@ class MoT(nnx.Module):
       time_scale: t in [0, 1] is multiplied by this before the sinusoidal embedding, so the
         embedding sees DiT's range of frequencies.
       dtype: compute dtype; parameters stay float32.
+      remat: activation checkpointing policy of each block, a key of `REMAT_POLICIES`.
+      scan_layers: store the blocks stacked ([depth, ...] under `blocks`) and run them with
+        `lax.scan` (one compiled block); False keeps one `blocks/<i>` entry per block.
     """
 
     def __init__(self, *, image_shape: tuple[int, int, int], num_scales: int, patch_sizes: Sequence[int],
                  hidden_size: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
                  num_classes: int = 0, class_dropout: float = 0.1, attention_backend: str = "xla",
-                 time_scale: float = 1000.0, dtype=jnp.float32, rngs: nnx.Rngs):
+                 time_scale: float = 1000.0, dtype=jnp.float32, remat: str = "none", scan_layers: bool = False,
+                 rngs: nnx.Rngs):
         height, width, channels = image_shape
         if len(patch_sizes) != num_scales:
             raise ValueError(f"patch_sizes={tuple(patch_sizes)} must have one entry per scale ({num_scales}).")
@@ -182,6 +222,11 @@ class MoT(nnx.Module):
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}.")
         if attention_backend not in attention.BACKENDS:
             raise ValueError(f"attention_backend {attention_backend!r} is not one of {attention.BACKENDS}.")
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {remat!r} is not one of {tuple(REMAT_POLICIES)}.")
+        self.remat = remat
+        self.scan_layers = bool(scan_layers)
+        self.depth = depth
         self.num_scales = num_scales
         self.patch_sizes = tuple(int(p) for p in patch_sizes)
         self.scale_shapes = tuple((height >> k, width >> k, channels) for k in range(num_scales))
@@ -194,6 +239,7 @@ class MoT(nnx.Module):
         if height != width:
             raise ValueError(f"image_shape {image_shape}: only square images are supported.")
         self.hidden_size = hidden_size
+        self.num_heads = num_heads
         self.num_classes = num_classes
         self.time_scale = time_scale
         self.dtype = dtype
@@ -215,10 +261,20 @@ class MoT(nnx.Module):
         if num_scales > 1:
             self.scale_embed = _param(nnx.initializers.normal(0.02), ("scale", "embed"), rngs,
                                       (num_scales, hidden_size))
-        self.blocks = nnx.List([
-            MoTBlock(num_scales, hidden_size, num_heads, mlp_ratio, attention_backend=attention_backend,
-                     dtype=dtype, rngs=rngs) for _ in range(depth)])
-        self.final_adaln = ScaleDense(num_scales, hidden_size, 2 * hidden_size, ("embed", "mlp"),
+        make_block = lambda r: MoTBlock(num_scales, hidden_size, num_heads, mlp_ratio,
+                                        attention_backend=attention_backend, dtype=dtype, rngs=r)
+        if self.scan_layers:
+            # One MoTBlock whose every weight has a leading 'layers' axis; each layer draws its
+            # own keys (split_rngs), as separately built blocks would.
+            @nnx.split_rngs(splits=depth)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(r):
+                return make_block(r)
+
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
+        self.final_adaln = ScaleDense(num_scales, hidden_size, 2 * hidden_size, ("embed", "modulation"),
                                       zero_init=True, dtype=dtype, rngs=rngs)
         self.final_linear = nnx.List([
             Dense(hidden_size, p * p * channels, ("embed", "patch"), init=nnx.initializers.zeros_init(),
@@ -227,6 +283,30 @@ class MoT(nnx.Module):
     @property
     def null_class(self) -> int:
         return self.num_classes
+
+    def _run_blocks(self, tokens: list[jax.Array], cond: jax.Array, first: int) -> list[jax.Array]:
+        """All blocks, under the remat policy, unrolled or as one scan over the stacked weights."""
+        policy = REMAT_POLICIES[self.remat]
+
+        def apply(graphdef, layer_state, toks, c):
+            return nnx.merge(graphdef, layer_state)(toks, c, first)
+
+        if self.remat != "none":
+            # prevent_cse=False inside scan (the loop already keeps XLA from merging the
+            # recomputation into the forward pass); True when unrolled.
+            apply = jax.checkpoint(apply, policy=policy, prevent_cse=not self.scan_layers, static_argnums=(0,))
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+            tokens, _ = jax.lax.scan(lambda toks, layer: (apply(graphdef, layer, toks, cond), None),
+                                     tokens, state)
+            return tokens
+        for block in self.blocks:
+            if self.remat == "none":
+                tokens = block(tokens, cond, first)
+            else:
+                graphdef, state = nnx.split(block)
+                tokens = apply(graphdef, state, tokens, cond)
+        return tokens
 
     def __call__(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None = None) -> list[jax.Array]:
         """Velocities of the active scales.
@@ -249,6 +329,7 @@ class MoT(nnx.Module):
             if labels is None:
                 raise ValueError("this model is class-conditional: pass labels (or the null class).")
             cond = cond + self.class_embed[...][labels].astype(self.dtype)
+        cond = parallel.constrain(cond, ("activation_batch", "activation_embed"))
         reference_grid = self.scale_shapes[0][0] // self.patch_sizes[0]
         tokens = []
         for x, k in zip(states, range(first, self.num_scales)):
@@ -258,9 +339,10 @@ class MoT(nnx.Module):
             h = h + jnp.asarray(pos, self.dtype)[None]
             if self.num_scales > 1:
                 h = h + self.scale_embed[k].astype(self.dtype)
-            tokens.append(h)
-        for block in self.blocks:
-            tokens = block(tokens, cond, first)
+            # A stage's sub-batch is a contiguous slice of the global batch, i.e. lives on a few
+            # 'data' devices: spread it over all of them before the heavy work.
+            tokens.append(parallel.constrain(h, TOKENS))
+        tokens = self._run_blocks(tokens, cond, first)
         outputs = []
         silu_cond = jax.nn.silu(cond)
         for h, k in zip(tokens, range(first, self.num_scales)):
@@ -269,3 +351,22 @@ class MoT(nnx.Module):
             height, width, channels = self.scale_shapes[k]
             outputs.append(unpatchify(h, self.patch_sizes[k], height, width, channels).astype(jnp.float32))
         return outputs
+
+
+def _split_blocks(tree: dict) -> tuple[dict, dict]:
+    rest = {k: v for k, v in tree.items() if k != "blocks"}
+    return tree["blocks"], rest
+
+
+def stack_blocks(params: dict) -> dict:
+    """Pure-dict parameters of an unrolled MoT -> the `scan_layers=True` layout (blocks stacked)."""
+    blocks, rest = _split_blocks(params)
+    layers = [blocks[i] for i in sorted(blocks, key=int)]
+    return {**rest, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_blocks(params: dict) -> dict:
+    """Inverse of `stack_blocks`: `scan_layers=True` parameters -> one `blocks/<i>` per block."""
+    blocks, rest = _split_blocks(params)
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    return {**rest, "blocks": {i: jax.tree.map(lambda x: x[i], blocks) for i in range(depth)}}

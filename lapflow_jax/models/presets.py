@@ -38,18 +38,17 @@ def build_model(config: ml_collections.ConfigDict, *, image_shape: tuple[int, in
     hidden, depth, heads = model_size(config.model)
     if config.model.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}.")
-    # Parameters carry logical sharding names; they are placed on a mesh later (parallel.py),
-    # so they must not be sharded eagerly at construction.
-    with nnx.use_eager_sharding(False):
-        return MoT(
-            image_shape=image_shape,
-            num_scales=config.num_scales,
-            patch_sizes=tuple(config.model.patch_sizes),
-            hidden_size=hidden, depth=depth, num_heads=heads,
-            mlp_ratio=config.model.mlp_ratio,
-            num_classes=num_classes,
-            class_dropout=config.model.class_dropout,
-            attention_backend=config.model.attention_backend,
-            time_scale=config.model.time_scale,
-            dtype=DTYPES[config.model.dtype],
-            rngs=rngs)
+    return MoT(
+        image_shape=image_shape,
+        num_scales=config.num_scales,
+        patch_sizes=tuple(config.model.patch_sizes),
+        hidden_size=hidden, depth=depth, num_heads=heads,
+        mlp_ratio=config.model.mlp_ratio,
+        num_classes=num_classes,
+        class_dropout=config.model.class_dropout,
+        attention_backend=config.model.attention_backend,
+        time_scale=config.model.time_scale,
+        dtype=DTYPES[config.model.dtype],
+        remat=config.model.get("remat", "none"),
+        scan_layers=config.model.get("scan_layers", False),
+        rngs=rngs)

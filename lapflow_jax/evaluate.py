@@ -1,0 +1,239 @@
+"""The eval mode: sample quality against held-out images (FID, EfficientNet Fréchet distance, SWD).
+
+    python -m lapflow_jax.main --config=configs/demo.py --workdir=workdirs/demo --mode=eval \
+        --config.eval.num_samples=10000 \
+        --config.eval.metrics='("fid","fd_efficientnet","swd")' \
+        --config.eval.inception_weights=/path/to/pt_inception-2015-12-05-6726825d.pth
+
+Samples: config.eval.num_samples images from the latest checkpoint (EMA weights by default),
+made by the resumable sample machinery (sample.py) into <workdir>/eval/step<step>/samples/, or
+the `images` of an existing .npz (config.eval.samples_npz; e.g. another model's samples).
+
+Reference: the first config.eval.num_reference images of the dataset split
+config.eval.reference_split (default "test": held out from training), or the `images` of
+config.eval.reference_npz. For FID the reference may instead be statistics: config.eval.fid_stats,
+an .npz with `mu` [2048] and `sigma` [2048, 2048] (pytorch-fid's and TTUR's layout). Statistics
+computed from a dataset are cached in <workdir>/eval/ so later evaluations reuse them.
+
+Metrics (config.eval.metrics):
+  fid             Fréchet distance of InceptionV3 pool3 features: the standard FID. Needs the
+                  pytorch-fid weight file (config.eval.inception_weights; see
+                  evaluation/inception.py for where to get it). Reported on 50k samples in papers.
+  fd_efficientnet Fréchet distance of ImageNet EfficientNet-Lite0 features (weights ship in a
+                  pip package: works offline). Not comparable with published FIDs.
+  swd             ProGAN's sliced Wasserstein distance on Laplacian-pyramid patches (x1e3, per
+                  level and averaged); uses as many reference images as samples.
+
+Results go to <workdir>/eval/step<step>/metrics.json and to TensorBoard as eval/<metric>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from lapflow_jax import config as config_lib
+from lapflow_jax import metrics as metrics_lib
+from lapflow_jax import sample as sample_lib
+from lapflow_jax.data import pipeline
+from lapflow_jax.evaluation import frechet, swd
+
+FeatureFn = Callable[[np.ndarray], np.ndarray]  # images [N, H, W, C] in [-1, 1] -> features [N, D]
+FRECHET_METRICS = ("fid", "fd_efficientnet")
+
+
+def load_images_npz(path: str | os.PathLike, *, field: str) -> np.ndarray:
+    """`images` of an .npz as float32 in [-1, 1] (uint8 0..255 is converted; floats are checked)."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{field}={str(path)!r}: no such file.")
+    with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
+        if "images" not in data.files:
+            raise ValueError(f"{field}={str(path)!r} has no `images` array (arrays: {data.files}).")
+        images = data["images"]
+    if images.ndim != 4:
+        raise ValueError(f"{field}={str(path)!r}: `images` must be [N, H, W, C], got shape {images.shape}.")
+    if images.dtype == np.uint8:
+        return sample_lib.from_uint8(images)
+    images = images.astype(np.float32)
+    if images.size and (images.min() < -1.001 or images.max() > 1.001):
+        raise ValueError(f"{field}={str(path)!r}: float `images` must lie in [-1, 1], got "
+                         f"[{images.min():.3g}, {images.max():.3g}]; store uint8 0..255 or [-1, 1] floats.")
+    return images
+
+
+def dataset_images(data_config: ml_collections.ConfigDict, split: str, num: int, batch_size: int = 100) -> np.ndarray:
+    """The first `num` images of a dataset split (center crop, no flip) as float32 in [-1, 1].
+
+    Every process reads the same images (metrics are computed redundantly on each process: they
+    are cheap next to sampling and need no collectives).
+    """
+    it = pipeline.make_eval_iterator(data_config, batch_size=batch_size, split=split, max_records=num,
+                                     process_index=0, process_count=1)
+    out = [b["image"][b["mask"]] for b in it]
+    return np.concatenate(out)[:num]
+
+
+def feature_fn(metric: str, eval_config: ml_collections.ConfigDict) -> FeatureFn:
+    """The feature extractor of a Fréchet metric, with its weights loaded."""
+    batch = int(eval_config.feature_batch_size)
+    if metric == "fid":
+        from lapflow_jax.evaluation import inception
+
+        if not eval_config.inception_weights:
+            raise ValueError(
+                "config.eval.metrics includes 'fid', which needs the InceptionV3 FID weights: set "
+                "config.eval.inception_weights to a local pt_inception-2015-12-05-6726825d.pth (download it once "
+                "from https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                "pt_inception-2015-12-05-6726825d.pth), or drop 'fid' from config.eval.metrics.")
+        model = inception.load_fid_inception(eval_config.inception_weights)
+        return lambda images: inception.fid_features(model, images, batch_size=batch)
+    if metric == "fd_efficientnet":
+        from lapflow_jax.evaluation import efficientnet
+
+        model = efficientnet.load_efficientnet_lite0()
+        return lambda images: efficientnet.features(model, images, batch_size=batch)
+    raise ValueError(f"{metric!r} is not a Fréchet metric {FRECHET_METRICS}.")
+
+
+class Reference:
+    """Held-out images and per-metric feature statistics, each computed once and cached.
+
+    Args:
+      images_fn: () -> reference images [N, H, W, C] in [-1, 1] (called at most once).
+      stats_files: metric -> .npz with `mu`, `sigma`, used instead of computing (e.g. FID stats).
+      cache_dir: where computed statistics are stored and looked up (None: no cache).
+      tag: names the reference in cache files (source, split, count, image size).
+    """
+
+    def __init__(self, images_fn: Callable[[], np.ndarray], *, stats_files: Mapping[str, str] | None = None,
+                 cache_dir: str | epath.Path | None = None, tag: str = "reference"):
+        self._images_fn = images_fn
+        self._images: np.ndarray | None = None
+        self.stats_files = dict(stats_files or {})
+        self.cache_dir = epath.Path(cache_dir) if cache_dir else None
+        self.tag = tag
+
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.asarray(self._images_fn(), np.float32)
+            if self._images.ndim != 4 or len(self._images) < 2:
+                raise ValueError(f"reference images must be [N >= 2, H, W, C], got shape {self._images.shape}.")
+        return self._images
+
+    @property
+    def num_loaded(self) -> int | None:
+        """Reference images read so far (None: only stored statistics were used)."""
+        return None if self._images is None else int(len(self._images))
+
+    def stats(self, metric: str, features: FeatureFn) -> tuple[np.ndarray, np.ndarray]:
+        if metric in self.stats_files:
+            return frechet.load_stats(self.stats_files[metric])
+        cache = self.cache_dir / f"{self.tag}_{metric}.npz" if self.cache_dir else None
+        if cache is not None and cache.exists():
+            logging.info("reference %s statistics from %s", metric, cache)
+            return frechet.load_stats(cache)
+        mu, sigma = frechet.feature_stats(features(self.images()))
+        if cache is not None and jax.process_index() == 0:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            frechet.save_stats(cache, mu, sigma)
+        return mu, sigma
+
+
+def compute_metrics(samples: np.ndarray, metrics: Sequence[str], reference: Reference, *,
+                    features: Mapping[str, FeatureFn], swd_seed: int = 0) -> dict[str, float]:
+    """Each metric of `samples` [N, H, W, C] in [-1, 1] against the reference.
+
+    Args:
+      features: metric -> feature extractor, for the Fréchet metrics asked for.
+    Returns:
+      {"fid": ..., "fd_efficientnet": ..., "swd_avg": ..., "swd_<res>": ...} for the metrics asked.
+    """
+    samples = np.asarray(samples, np.float32)
+    out: dict[str, float] = {}
+    for metric in metrics:
+        if metric in FRECHET_METRICS:
+            if metric not in features:
+                raise ValueError(f"no feature extractor given for {metric!r}.")
+            mu_s, sigma_s = frechet.feature_stats(features[metric](samples))
+            mu_r, sigma_r = reference.stats(metric, features[metric])
+            out[metric] = frechet.frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
+        elif metric == "swd":
+            ref = reference.images()
+            n = min(len(samples), len(ref))
+            if samples.shape[1:] != ref.shape[1:]:
+                raise ValueError(f"swd: samples {samples.shape[1:]} and reference images {ref.shape[1:]} differ in "
+                                 "shape.")
+            out.update(swd.swd(samples[:n], ref[:n], seed=swd_seed))
+        else:
+            raise ValueError(f"unknown metric {metric!r}; allowed: {config_lib.EVAL_METRICS}.")
+        logging.info("%s: %s", metric, {k: round(v, 4) for k, v in out.items() if k.startswith(metric[:3])})
+    return out
+
+
+def reference_from_config(config: ml_collections.ConfigDict, num: int,
+                          cache_dir: str | epath.Path | None) -> Reference:
+    """The Reference that config.eval describes, `num` images (config.eval.num_reference overrides)."""
+    ev = config.eval
+    num = int(ev.num_reference) or num
+    stats_files = {"fid": ev.fid_stats} if ev.fid_stats else {}
+    if ev.reference_npz:
+        stem = epath.Path(ev.reference_npz).stem
+        return Reference(lambda: load_images_npz(ev.reference_npz, field="config.eval.reference_npz")[:num],
+                         stats_files=stats_files, cache_dir=cache_dir, tag=f"reference_{stem}_{num}")
+    # In latent mode the flow's data are latents; the reference is the pixel dataset they came from.
+    data = config.latent.source if config.get("latent") and config.latent.enabled else config.data
+    tag = f"reference_{data.name}_{ev.reference_split}_{num}_{data.image_size}x{data.channels}".replace("/", "-")
+    return Reference(lambda: dataset_images(data, ev.reference_split, num), stats_files=stats_files,
+                     cache_dir=cache_dir, tag=tag)
+
+
+def evaluate_from_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                             cache_dir: str | epath.Path | None = None) -> dict[str, Any]:
+    """The eval mode (see the module docstring). Returns and writes the metrics.
+
+    Args:
+      cache_dir: where reference statistics are cached (default <workdir>/eval); benchmarks
+        comparing several models against one reference share one.
+    """
+    config_lib.validate(config)
+    ev = config.eval
+    workdir = epath.Path(workdir)
+    cache_dir = epath.Path(cache_dir) if cache_dir else workdir / "eval"
+    # Load the feature networks first: a missing weight file should fail before any sampling.
+    features = {m: feature_fn(m, ev) for m in ev.metrics if m in FRECHET_METRICS}
+    result: dict[str, Any] = {}
+    if ev.samples_npz:
+        samples = load_images_npz(ev.samples_npz, field="config.eval.samples_npz")
+        out_dir = workdir / "eval" / epath.Path(ev.samples_npz).stem
+        step = None
+    else:
+        setup, step, params, sigmas = sample_lib.restore_for_sampling(config, workdir)
+        out_dir = workdir / "eval" / f"step{step:07d}"
+        summary = sample_lib.generate_to_dir(config, setup, params, sigmas, out_dir / "samples",
+                                             num_images=int(ev.num_samples), previews=False, seed=config.seed + 13,
+                                             grid_images=config.sample.grid_images)
+        with (out_dir / "samples" / "samples.npz").open("rb") as f, np.load(f) as data:
+            samples = sample_lib.from_uint8(data["images"])
+        result["sampling"] = {k: summary.get(k) for k in ("nfe_per_segment", "nfe_total", "seconds_per_sample",
+                                                          "gflops", "method", "guidance_scale")}
+    reference = reference_from_config(config, len(samples), cache_dir)
+    values = compute_metrics(samples, tuple(ev.metrics), reference, features=features, swd_seed=config.seed)
+    result.update(step=step, num_samples=int(len(samples)), num_reference=reference.num_loaded,
+                  reference=reference.tag, metrics=values)
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        writer = metrics_lib.MetricWriter(workdir / "tensorboard")
+        writer.scalars(step or 0, {f"eval/{k}": v for k, v in values.items()})
+        writer.close()
+    logging.info("eval (step %s, %d samples vs %s): %s", step, len(samples), reference.tag,
+                 json.dumps({k: round(v, 4) for k, v in values.items()}))
+    return result
