@@ -133,7 +133,7 @@ def generate_to_dir(config: ml_collections.ConfigDict, setup: train_lib.Setup, p
     logging.info("sampling %d images in %d batches of %d into %s (%d to do, method %s)", num_images, num_batches,
                  batch, out_dir, len(todo), config.sample.method)
     times = []
-    for n, i in enumerate(todo):
+    for i in todo:
         start = time.perf_counter()
         out = generate_lib.generate(config, setup.graphdef, params, sigmas, image_shape=setup.image_shape,
                                     num_classes=setup.num_classes, rng=jax.random.fold_in(base, i), batch=batch,
@@ -167,7 +167,8 @@ def generate_to_dir(config: ml_collections.ConfigDict, setup: train_lib.Setup, p
         summary["seconds_first_batch"] = times[0]
         summary["seconds_per_sample"] = float(np.mean(steady)) / batch
     if config.sample.gflops:
-        counted = flops_lib.sampling_flops(config, [int(round(n)) for n in nfes.mean(0)],
+        # dopri5's NFE varies by batch: the cost is that of the mean NFE.
+        counted = flops_lib.sampling_flops(config, nfes.mean(0).tolist(),
                                            image_shape=setup.image_shape, num_classes=setup.num_classes)
         summary["gflops"] = counted.as_dict()
         logging.info("GFLOPs per sample %.3f (per call per segment %s); single-scale baseline %.3f at the same "

@@ -1,0 +1,1 @@
+"""Benchmark scripts (runnable, not tests): sampling, training, quality, gpu; see README.md."""
