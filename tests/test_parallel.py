@@ -1,0 +1,295 @@
+"""Sharding: a train step on every mesh layout (and FSDP, scan, remat) equals one device; parameter
+shardings are the rules'; a checkpoint saved on 4x2 restores onto 2x2 and onto 1 device.
+
+Uses the 8 fake CPU devices of conftest.py.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lapflow_jax import checkpoint as ckpt_lib
+from lapflow_jax import parallel, train
+from lapflow_jax.data import pipeline
+from lapflow_jax.models import mot
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Float32, the same batch and init: sharded and single-device steps differ only by the order of
+# float reductions (all-reduces, split matmuls). Measured differences are ~1e-7 (see the asserts'
+# messages); the tolerances leave a margin of about 10x.
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 2e-6
+
+
+def make_config(**overrides):
+    sys.path.insert(0, str(REPO))
+    from configs import demo
+    config = demo.get_config()
+    values = {
+        "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 8, "model.patch_sizes": (2, 2),
+        "model.attention_backend": "xla", "data.image_size": 16, "data.num_records": 64,
+        "train.global_batch_size": 16, "train.warmup_steps": 0, "train.learning_rate": 1e-3,
+        "train.ema_decay": 0.9, "pyramid.sigmas": (0.15, 0.45), "mesh_shape": (1, 1),
+    }
+    values.update(overrides)
+    for key, value in values.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def setup_on(config, shape, devices=None):
+    return train.make_setup(config, parallel.make_mesh(shape, devices if devices is not None else jax.devices()))
+
+
+@pytest.fixture(scope="module")
+def batches():
+    config = make_config()
+    it = pipeline.make_train_iterator(config.data, global_batch_size=16, seed=0, process_index=0, process_count=1)
+    return [next(it) for _ in range(2)]
+
+
+def run_steps(setup, state, batches):
+    step = train.make_train_step(setup)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, parallel.global_batch(batch, setup.mesh))
+        losses.append(float(metrics["loss"]))
+    return state, losses, step
+
+
+def perturbed(state):
+    """The initial state with every parameter moved by fixed noise: adaLN-Zero and the zero final
+    layers would otherwise give QKV, out-proj and MLP zero gradients, and a comparison of them
+    would compare two unchanged initial values."""
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: (np.asarray(x) + 0.05 * rng.standard_normal(x.shape)).astype(np.float32),
+                          jax.device_get(state.params))
+    return jax.device_get(state.replace(params=params, ema_params=params))
+
+
+@pytest.fixture(scope="module")
+def reference(batches):
+    """Two steps on one device from a perturbed initial state (host numpy). The first step's
+    learning rate is 0 (warmup), the second moves the parameters."""
+    setup = setup_on(make_config(), (1, 1), jax.devices()[:1])
+    init = perturbed(train.create_state(setup, np.asarray(setup.config.pyramid.sigmas, np.float32)))
+    state, losses, _ = run_steps(setup, jax.device_put(init, train.state_shardings(setup)[0]), batches)
+    return init, jax.device_get(state), losses
+
+
+def placed(setup, host_state):
+    """The host state put onto the setup's mesh with the rules' shardings."""
+    return jax.device_put(host_state, train.state_shardings(setup)[0])
+
+
+def by_path(tree) -> dict[str, jax.Array]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def expected_specs(fsdp: bool, layers: bool = False) -> dict[str, P]:
+    """The rules, written out by hand: column-parallel QKV / MLP-in / adaLN over 'model', row-parallel
+    out-proj / MLP-out, 'embed' over 'data' with FSDP, everything per scale unsharded on 'scale'."""
+    e = "data" if fsdp else None
+    lead = (None, None) if layers else (None,)   # [layers,] scale
+    block = "blocks" if layers else "blocks/0"
+    return {
+        f"{block}/qkv/kernel": P(*lead, e, "model"),
+        f"{block}/qkv/bias": P(*lead, "model"),
+        f"{block}/out/kernel": P(*lead, "model", e),
+        f"{block}/out/bias": P(*lead, e),
+        f"{block}/mlp_in/kernel": P(*lead, e, "model"),
+        f"{block}/mlp_out/kernel": P(*lead, "model", e),
+        f"{block}/adaln/kernel": P(*lead, e, "model"),
+        "final_adaln/kernel": P(None, e, "model"),
+        "patch_embed/0/kernel": P(None, e),
+        "final_linear/1/kernel": P(e, None),
+        "time_mlp_in/kernel": P(None, e),
+        "time_mlp_out/kernel": P(e, None),
+        "scale_embed": P(None, e),
+    }
+
+
+def check_shardings(state, mesh, fsdp, layers=False):
+    params = by_path(state.params)
+    mu = by_path(state.opt_state)
+    for name, spec in expected_specs(fsdp, layers).items():
+        for where, leaf in (("params", params[name]), ("ema", by_path(state.ema_params)[name]),
+                            ("adam mu", next(v for k, v in mu.items() if k.endswith("mu/" + name)))):
+            assert leaf.sharding == NamedSharding(mesh, spec), (where, name, leaf.sharding.spec, spec)
+            # ... and the data really is split that way on the devices.
+            local = leaf.addressable_shards[0].data.shape
+            want = tuple(d // (mesh.shape[a] if a else 1) for d, a in zip(leaf.shape, tuple(spec) + (None,) * 9))
+            assert local == want, (where, name, local, want)
+
+
+def assert_close(state, init, reference, losses, ref_losses, convert=lambda p: p):
+    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+    got, want = by_path(convert(jax.device_get(state.params))), by_path(reference.params)
+    assert got.keys() == want.keys()
+    worst = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+    print(f"losses {losses} vs {ref_losses}; max |param difference| {worst:.2e}")
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=PARAM_ATOL, rtol=0, err_msg=k)
+    # The tensor-parallel weights really moved (the comparison is not between two initial states).
+    for name in ("blocks/0/qkv/kernel", "blocks/0/mlp_out/kernel"):
+        assert float(np.abs(want[name] - by_path(init.params)[name]).max()) > 1e-4, name
+
+
+MESHES = [((8, 1), False), ((4, 2), False), ((2, 4), False), ((1, 8), False), ((4, 2), True), ((8, 1), True)]
+
+
+@pytest.mark.parametrize("shape,fsdp", MESHES + [((2, 4), "scan")])
+def test_state_shardings_follow_the_rules(shape, fsdp):
+    """Placing a train state (zeros: nothing compiles) on each mesh puts every parameter, its EMA
+    and its Adam moments where the hand-written rules say, and splits the data accordingly."""
+    scan = fsdp == "scan"
+    setup = setup_on(make_config(**{"fsdp": bool(fsdp), "model.scan_layers": scan}), shape)
+    shardings, abstract = train.state_shardings(setup)
+    state = jax.device_put(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract), shardings)
+    check_shardings(state, setup.mesh, bool(fsdp), layers=scan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,fsdp", MESHES)
+def test_step_on_mesh_equals_one_device(shape, fsdp, batches, reference):
+    init, ref_state, ref_losses = reference
+    setup = setup_on(make_config(fsdp=fsdp), shape)
+    state, losses, step = run_steps(setup, placed(setup, init), batches)
+    check_shardings(state, setup.mesh, fsdp)
+    assert_close(state, init, ref_state, losses, ref_losses)
+    assert step._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_scan_and_remat_on_fsdp_mesh_equal_unrolled_one_device(batches, reference):
+    """The stacked (scan) layout with full remat, on 2x4 with FSDP, from the reference's initial
+    parameters: same losses and parameters as the unrolled model on one device."""
+    init, ref_state, ref_losses = reference
+    setup = setup_on(make_config(**{"fsdp": True, "model.scan_layers": True, "model.remat": "full"}), (2, 4))
+    shardings, abstract = train.state_shardings(setup)
+    assert abstract.params["blocks"]["qkv"]["kernel"].shape == (1, 2, 32, 96)  # [layers, scale, in, out]
+    params = mot.stack_blocks(init.params)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                             opt_state=setup.tx.init(params), sigmas=jnp.asarray(setup.config.pyramid.sigmas))
+    state = jax.device_put(state, shardings)
+    state, losses, _ = run_steps(setup, state, batches)
+    check_shardings(state, setup.mesh, fsdp=True, layers=True)
+    assert_close(state, init, ref_state, losses, ref_losses, convert=mot.unstack_blocks)
+
+
+def test_activation_constraints_are_in_the_program(batches):
+    setup = setup_on(make_config(), (4, 2))
+    shardings, abstract = train.state_shardings(setup)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    text = train.make_train_step(setup).lower(state, parallel.global_batch(batches[0], setup.mesh)).as_text()
+    assert text.count("sharding_constraint") >= 8, "the model's activation constraints are missing"
+    # Outside a training mesh they are no-ops.
+    x = jnp.ones((4, 3, 8))
+    assert parallel.constrain(x, mot.TOKENS) is x
+
+
+def test_bad_meshes_are_clear_errors():
+    with pytest.raises(ValueError, match=r"config.mesh_shape=\(3, -1\)"):
+        parallel.make_mesh((3, -1))
+    with pytest.raises(ValueError, match=r"needs 16 devices, but 8"):
+        parallel.make_mesh((4, 4))
+    assert parallel.make_mesh((-1, 2)).shape == {"data": 4, "model": 2}
+    # 'model' must divide the heads (4 heads on 8), before anything compiles.
+    with pytest.raises(ValueError, match="attention heads"):
+        setup_on(make_config(**{"model.num_heads": 4}), (1, 8))
+    # FSDP: 'data' must divide the hidden size (36 on 8 devices).
+    with pytest.raises(ValueError, match="cannot shard these parameters evenly"):
+        setup_on(make_config(**{"model.hidden_size": 36, "model.num_heads": 4, "fsdp": True,
+                                "train.global_batch_size": 16}), (8, 1))
+
+
+def test_input_shards_state_round_trip():
+    """The global batch read as 2 shards by one process: rows = shard 0's then shard 1's, and the
+    saved state resumes exactly; a state of another layout is refused."""
+    config = make_config()
+    mesh = parallel.make_mesh((8, 1))
+
+    def make(shard, count):
+        return pipeline.make_train_iterator(config.data, global_batch_size=16, seed=0, process_index=shard,
+                                            process_count=count)
+
+    shards = parallel.make_input_shards(mesh, make, input_shards=2)
+    first = next(shards)
+    a, b = make(0, 2), make(1, 2)
+    np.testing.assert_array_equal(first["image"], np.concatenate([next(a)["image"], next(b)["image"]]))
+    state = shards.get_state()
+    expected = next(shards)
+    again = parallel.make_input_shards(mesh, make, input_shards=2)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again)["image"], expected["image"])
+    with pytest.raises(ValueError, match="input shards"):
+        parallel.make_input_shards(mesh, make, input_shards=4).set_state(state)
+
+
+def test_input_shards_restore_onto_another_process_layout(tmp_path):
+    """Two processes each saved their shard (process_<i>-of-2.json); one process that now reads both
+    shards restores from both files (parallel.input_shards_checkpointing's handler)."""
+    config = make_config()
+    mesh = parallel.make_mesh((8, 1))
+
+    def make(shard, count):
+        return pipeline.make_train_iterator(config.data, global_batch_size=16, seed=0, process_index=shard,
+                                            process_count=count)
+
+    for i in range(2):  # what process i of 2 writes after one step
+        shard = parallel.InputShards(make, first=i, num=1, count=2)
+        next(shard)
+        (tmp_path / f"process_{i}-of-2.json").write_bytes(shard.get_state())
+    handler, _, restore_args = parallel.input_shards_checkpointing()
+    both = handler().restore(tmp_path, args=restore_args(parallel.make_input_shards(mesh, make, input_shards=2)))
+    straight = parallel.make_input_shards(mesh, make, input_shards=2)
+    next(straight)
+    np.testing.assert_array_equal(next(both)["image"], next(straight)["image"])
+
+
+@pytest.mark.slow
+def test_restore_on_other_meshes(tmp_path):
+    """Save after 2 steps on 4x2 (FSDP), restore state and data iterator onto 2x2 (4 devices) and
+    onto 1 device with explicit target shardings, continue 2 steps: the losses of the
+    uninterrupted 4x2 run."""
+    config = make_config(**{"fsdp": True})
+
+    def data_on(mesh):
+        return parallel.make_input_shards(mesh, lambda i, n: pipeline.make_train_iterator(
+            config.data, global_batch_size=16, seed=0, process_index=i, process_count=n), config.input_shards)
+
+    source = setup_on(config, (4, 2))
+    state = train.create_state(source, np.asarray(config.pyramid.sigmas, np.float32))
+    step = train.make_train_step(source)
+    data = data_on(source.mesh)
+    ckpt = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=2, async_save=False)
+    losses = []
+    for i in range(4):
+        if i == 2:
+            ckpt.save(2, state, data, config, force=True)
+            ckpt.wait()
+        state, metrics = step(state, parallel.global_batch(next(data), source.mesh))
+        losses.append(float(metrics["loss"]))
+    for shape, devices in (((2, 2), jax.devices()[:4]), ((1, 1), jax.devices()[:1])):
+        target = setup_on(config, shape, devices)
+        shardings, abstract = train.state_shardings(target)
+        data = data_on(target.mesh)
+        restored = ckpt.restore(2, ckpt_lib.abstract_with_shardings(abstract, shardings), data)
+        assert int(restored.step) == 2
+        check_shardings(restored, target.mesh, fsdp=True)
+        assert {d for x in jax.tree.leaves(restored) for d in x.sharding.device_set} == set(devices)
+        _, moved, _ = run_steps(target, restored, [next(data), next(data)])
+        print(f"{shape}: losses after restore {moved}, uninterrupted 4x2 {losses[2:]}")
+        np.testing.assert_allclose(moved, losses[2:], rtol=LOSS_RTOL)
+    ckpt.close()
