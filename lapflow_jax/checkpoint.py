@@ -29,7 +29,9 @@ RESUME_CRITICAL = ("seed", "num_scales", "window_starts", "path_kind", "pyramid"
                    "data.name", "data.image_size", "data.channels", "data.tfds_name", "data.folder",
                    "data.latents_dir", "latent.enabled", "latent.shape")
 # Fields inside the sections above that only change how the same model is computed.
-RESUME_HARMLESS = ("model.attention_backend", "model.dtype", "pyramid.sigma_batches")
+# Compute-only choices: the same parameters, placed or recomputed differently (e.g. when moving to
+# smaller chips).
+RESUME_HARMLESS = ("model.attention_backend", "model.dtype", "model.remat", "pyramid.sigma_batches")
 
 
 class IncompatibleCheckpointError(ValueError):

@@ -53,7 +53,9 @@ class NonFiniteError(RuntimeError):
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
     warmup = max(train_cfg.warmup_steps, 1)
-    if train_cfg.schedule == "cosine":
+    if train_cfg.schedule == "constant" and train_cfg.warmup_steps == 0:
+        schedule = optax.constant_schedule(train_cfg.learning_rate)  # step 0 learns too
+    elif train_cfg.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, train_cfg.learning_rate, warmup, max(train_cfg.num_steps, warmup + 1))
     else:
