@@ -15,17 +15,10 @@ Commands (the cached latents are celebahq256_lapflow.py's: cache once with eithe
     python -m lapflow_jax.main --config=configs/celebahq256_baseline.py --workdir=workdirs/celebahq256_baseline --mode=sample
 """
 
-import importlib.util
 import os
+
+from lapflow_jax.config import single_scale_baseline
 
 
 def get_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "celebahq256_lapflow.py")
-    spec = importlib.util.spec_from_file_location("celebahq256_lapflow", path)
-    twin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(twin)
-    c = twin.get_config()
-    c.num_scales = 1
-    c.window_starts = (0.0,)
-    c.model.patch_sizes = (2,)
-    return c
+    return single_scale_baseline(os.path.join(os.path.dirname(os.path.abspath(__file__)), "celebahq256_lapflow.py"))
