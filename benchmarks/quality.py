@@ -141,7 +141,7 @@ def main(argv=None):
             images = np.load(f)["images"][:60].astype(np.float32) / 127.5 - 1.0
         generate.save_png(out / f"quality_{name}.png", generate.image_grid(images, columns=10))
         strips = sorted((workdir / "samples").glob("coarse_to_fine_step*.png"))
-        if strips:
+        if strips and scales > 1:  # one scale has one segment: its "strip" is just the samples
             shutil.copy(strips[-1], out / f"quality_{name}_coarse_to_fine.png")
         print(f"[{time.perf_counter() - wall_start:.0f}s] {name}: {json.dumps(rows[name])}", flush=True)
     reference = evaluate.dataset_images(make_config(args, 1).data, "test", 60)
@@ -167,6 +167,8 @@ def main(argv=None):
               "sample_gflops": base["sampling_gflops_per_sample"] / lap["sampling_gflops_per_sample"],
               "sample_time": base["sampling_seconds_per_sample"] / lap["sampling_seconds_per_sample"]}
     print("baseline / LapFlow: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items() if v is not None))
+    print("(FLOPs ratios are exact; wall-time ratios only mean something if the machine was otherwise idle: "
+          "the two models run one after the other. The final loss sums the scales' losses.)")
     print(f"total wall time {total:.0f}s; grids in {out}/quality_*.png")
     with open(out / "quality.json", "w") as f:
         json.dump({"args": vars(args), "rows": rows, "ratios": ratios, "wall_seconds": total,

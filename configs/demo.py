@@ -23,7 +23,7 @@ def get_config():
     c.data.image_size = 32
     c.data.num_records = 4096
     c.train.global_batch_size = 32
-    c.train.num_steps = 1200
+    c.train.num_steps = 600
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 100
     c.train.schedule = "cosine"

@@ -166,5 +166,7 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 def save_png(path: str | epath.Path, grid: np.ndarray) -> None:
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if grid.ndim == 3 and grid.shape[-1] == 3 and (grid == grid[..., :1]).all():
+        grid = grid[..., 0]  # grayscale images: a third of the file
     with path.open("wb") as f:
-        Image.fromarray(grid).save(f, format="PNG")
+        Image.fromarray(grid).save(f, format="PNG", optimize=True)
