@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lapflow_jax.evaluation.inception import resize_bilinear
+from lapflow_jax.evaluation.inception import batched_features, resize_bilinear
 from lapflow_jax.evaluation.torch_weights import assign_torch_state_dict, load_torch_state_dict
 
 INPUT_SIZE = 224
@@ -215,23 +215,5 @@ def features(model: EfficientNetLite0, images, batch_size: int = 64) -> np.ndarr
     Returns:
       [N, 1280] float32 numpy array.
     """
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"features: images must be [N, H, W, 3] or [N, H, W, 1], got {images.shape}")
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"features: images must be float in [-1, 1], got dtype {images.dtype}")
-    if images.size and (images.min() < -1.001 or images.max() > 1.001):
-        raise ValueError(f"features: images must lie in [-1, 1], got range [{images.min()}, {images.max()}]")
-    if batch_size < 1:
-        raise ValueError(f"features: batch_size must be >= 1, got {batch_size}")
-    n = images.shape[0]
-    out = np.zeros((n, FEATURE_DIM), np.float32)
-    for start in range(0, n, batch_size):
-        batch = images[start : start + batch_size].astype(np.float32)
-        count = batch.shape[0]
-        if count < batch_size and n > batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:], np.float32)])
-        if batch.shape[-1] == 1:
-            batch = np.repeat(batch, 3, axis=-1)
-        out[start : start + count] = np.asarray(_pooled(model, preprocess(batch)))[:count]
-    return out
+    return batched_features(lambda x: _pooled(model, preprocess(x)), images, batch_size=batch_size,
+                            feature_dim=FEATURE_DIM, name="features")

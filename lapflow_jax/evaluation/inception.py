@@ -365,19 +365,29 @@ def fid_features(model: InceptionV3, images, batch_size: int = 50) -> np.ndarray
     Returns:
       [N, 2048] float32 numpy array.
     """
+    # pytorch-fid resizes [0, 1] images and then maps them to [-1, 1]; both steps are affine per
+    # pixel, so resizing the [-1, 1] images gives the same numbers.
+    return batched_features(lambda x: _pool3(model, resize_bilinear(x, INPUT_SIZE, INPUT_SIZE)), images,
+                            batch_size=batch_size, feature_dim=FEATURE_DIM, name="fid_features")
+
+
+def batched_features(embed, images, *, batch_size: int, feature_dim: int, name: str) -> np.ndarray:
+    """Runs `embed` ([B, H, W, 3] float32 in [-1, 1] -> [B, D]) over images in fixed-size batches.
+
+    Checks images are [N, H, W, 1 or 3] floats in [-1, 1] (errors name `name`), repeats gray to RGB
+    and pads the last batch, so one compiled shape serves every call. Returns [N, D] float32.
+    """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"fid_features: images must be [N, H, W, 3] or [N, H, W, 1], got {images.shape}")
+        raise ValueError(f"{name}: images must be [N, H, W, 3] or [N, H, W, 1], got {images.shape}")
     if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"fid_features: images must be float in [-1, 1], got dtype {images.dtype}")
+        raise ValueError(f"{name}: images must be float in [-1, 1], got dtype {images.dtype}")
     if images.size and (images.min() < -1.001 or images.max() > 1.001):
-        raise ValueError(
-            f"fid_features: images must lie in [-1, 1], got range [{images.min()}, {images.max()}]"
-        )
+        raise ValueError(f"{name}: images must lie in [-1, 1], got range [{images.min()}, {images.max()}]")
     if batch_size < 1:
-        raise ValueError(f"fid_features: batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
     n = images.shape[0]
-    out = np.zeros((n, FEATURE_DIM), np.float32)
+    out = np.zeros((n, feature_dim), np.float32)
     for start in range(0, n, batch_size):
         batch = images[start : start + batch_size].astype(np.float32)
         count = batch.shape[0]
@@ -385,8 +395,5 @@ def fid_features(model: InceptionV3, images, batch_size: int = 50) -> np.ndarray
             batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:], np.float32)])
         if batch.shape[-1] == 1:
             batch = np.repeat(batch, 3, axis=-1)
-        # pytorch-fid resizes [0, 1] images and then maps them to [-1, 1]; both steps are affine
-        # per pixel, so resizing the [-1, 1] images gives the same numbers.
-        x = resize_bilinear(batch, INPUT_SIZE, INPUT_SIZE)
-        out[start : start + count] = np.asarray(_pool3(model, x))[:count]
+        out[start : start + count] = np.asarray(embed(batch))[:count]
     return out
