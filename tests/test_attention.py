@@ -33,9 +33,10 @@ def test_backend_matches_reference_float32(backend, lengths):
         np.testing.assert_allclose(o, r, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("backend", ["xla", "splash"])
-def test_backend_matches_reference_bfloat16(backend):
-    qs, ks, vs = random_qkv(LENGTHS[1], jnp.bfloat16)
+def test_backend_matches_reference_bfloat16(backend, lengths):
+    qs, ks, vs = random_qkv(lengths, jnp.bfloat16)
     reference = attention.masked_attention(*(list(map(lambda x: x.astype(jnp.float32), xs)) for xs in (qs, ks, vs)))
     out = attention.block_causal_attention(qs, ks, vs, backend=backend)
     assert all(o.dtype == jnp.bfloat16 for o in out)
