@@ -12,6 +12,7 @@ JSON metadata, the data-iterator state and the config are JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -21,6 +22,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from lapflow_jax import parallel
 
 # Config fields whose change makes a checkpoint mean something else. Changing anything else
 # (logging, sampling, total steps, checkpoint cadence) is a harmless resume.
@@ -65,6 +68,50 @@ def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[
     return diffs
 
 
+class InputShardsHandler(grain.checkpoint.CheckpointHandler):
+    """Grain's per-process save (one `process_<i>-of-<P>.json` each), with a restore that reads
+    every process's file: each holds the states of the input shards that process read, so a run
+    resumes onto another number of processes (a process may now read shards another read before),
+    as long as config.input_shards, the shard count, is unchanged."""
+
+    @classmethod
+    def typestr(cls):
+        return "lapflow_jax.checkpoint.InputShardsHandler"
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        if not isinstance(item, parallel.InputShards):  # a plain Grain iterator: Grain's own restore
+            return super().restore(directory, item=item)
+        merged, counts = {}, set()
+        for path in sorted(epath.Path(directory).glob("process_*-of-*.json")):
+            state = json.loads(path.read_text())
+            if "shards" not in state:
+                raise IncompatibleCheckpointError(
+                    f"{path} is not a LapFlow-JAX input-shards state (a checkpoint of another program?).")
+            counts.add(state["input_shards"])
+            merged.update(state["shards"])
+        if not counts:
+            raise IncompatibleCheckpointError(f"no data iterator state (process_*-of-*.json) in {directory}.")
+        if len(counts) != 1:
+            raise IncompatibleCheckpointError(
+                f"data iterator states in {directory} disagree on the shard count: {sorted(counts)}.")
+        item.set_state(json.dumps({"input_shards": counts.pop(), "shards": merged}).encode())
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(InputShardsHandler, for_save=True)
+@dataclasses.dataclass
+class InputShardsSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(InputShardsHandler, for_restore=True)
+@dataclasses.dataclass
+class InputShardsRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class Checkpointer:
     """A thin layer over `ocp.CheckpointManager` with our three items."""
 
@@ -76,7 +123,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler(),
+                           "data": InputShardsHandler(),
                            "config": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
@@ -92,7 +139,7 @@ class Checkpointer:
         """
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
+            data=InputShardsSave(data_iterator),
             config=ocp.args.JsonSave(json.loads(config.to_json())))
         try:
             return self.manager.save(step, args=args, force=force)
@@ -176,7 +223,7 @@ class Checkpointer:
         self.check_structure(step, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            data=InputShardsRestore(data_iterator)))
         return restored["state"]
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:

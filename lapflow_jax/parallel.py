@@ -21,8 +21,6 @@ Sharded results equal single-device results up to float reassociation (tests/tes
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import json
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -244,8 +242,8 @@ class InputShards:
 
     next() concatenates this process's shards' batches (its rows of the global batch, in order).
     State is one Grain iterator state per shard: get_state() returns JSON bytes, which
-    `grain.checkpoint.CheckpointHandler` stores per process, and set_state() refuses a state saved
-    with another shard layout.
+    `checkpoint.InputShardsHandler` stores per process and merges on restore, and set_state()
+    refuses a state saved with another shard count.
     """
 
     def __init__(self, make_iterator: Callable[[int, int], Any], *, first: int, num: int, count: int):
@@ -270,7 +268,8 @@ class InputShards:
             raise ValueError(
                 f"the checkpoint's data iterator state holds input shards {sorted(state['shards'])} of "
                 f"{state.get('input_shards')}, but this process reads shards {mine} of {self.count}. Resume "
-                "with the same number of processes per data block (or the same config.input_shards).")
+                f"with --config.input_shards={state.get('input_shards')} (it works on any number of hosts "
+                "that divides it), or with the host count the run was saved with.")
         for key, it in zip(mine, self.iterators):
             it.set_state(state["shards"][key])
 
@@ -278,56 +277,6 @@ class InputShards:
         for it in self.iterators:
             if hasattr(it, "start_prefetch"):
                 it.start_prefetch()
-
-
-@functools.cache
-def input_shards_checkpointing() -> tuple[type, type, type]:
-    """(handler, save args, restore args) of `InputShards` for an Orbax CheckpointManager item.
-
-    The handler saves like Grain's (one `process_<i>-of-<P>.json` per process) and restores from
-    all processes' files, so a run resumes onto another number of processes or another mesh (a
-    process may now read shards another one read before). Built on first use: the model imports
-    this module, and should not pay for importing Grain and Orbax.
-    """
-    import grain
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    class InputShardsHandler(grain.checkpoint.CheckpointHandler):
-        @classmethod
-        def typestr(cls):
-            return "lapflow_jax.parallel.InputShardsHandler"
-
-        def restore(self, directory, item=None, args=None):
-            item = item or args.item
-            if not isinstance(item, InputShards):  # a plain Grain iterator: Grain's own restore
-                return super().restore(directory, item=item)
-            merged, counts = {}, set()
-            for path in sorted(epath.Path(directory).glob("process_*-of-*.json")):
-                state = json.loads(path.read_text())
-                if "shards" not in state:
-                    raise ValueError(f"{path} is not an InputShards state (a checkpoint of an older version?).")
-                counts.add(state["input_shards"])
-                merged.update(state["shards"])
-            if not counts:
-                raise ValueError(f"no data iterator state (process_*-of-*.json) in {directory}.")
-            if len(counts) != 1:
-                raise ValueError(f"data iterator states in {directory} disagree on the shard count: {sorted(counts)}.")
-            item.set_state(json.dumps({"input_shards": counts.pop(), "shards": merged}).encode())
-            item.start_prefetch()
-            return item
-
-    @ocp.args.register_with_handler(InputShardsHandler, for_save=True)
-    @dataclasses.dataclass
-    class InputShardsSave(ocp.args.CheckpointArgs):
-        item: Any
-
-    @ocp.args.register_with_handler(InputShardsHandler, for_restore=True)
-    @dataclasses.dataclass
-    class InputShardsRestore(ocp.args.CheckpointArgs):
-        item: Any
-
-    return InputShardsHandler, InputShardsSave, InputShardsRestore
 
 
 def make_input_shards(mesh: Mesh, make_iterator: Callable[[int, int], Any], input_shards: int = 0) -> InputShards:

@@ -1,10 +1,12 @@
 """Two processes on localhost (jax.distributed, 4 fake CPU devices each) run the real entry point:
 train, save, stop, resume. Their losses equal a one-process run on 8 devices with the same global
-batch (config.input_shards=2 fixes how the batch is read, whatever the number of processes).
+batch (config.input_shards=2 fixes how the batch is read, whatever the number of processes), and
+their checkpoint resumes in one process with the same losses.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -95,6 +97,7 @@ def test_two_processes_train_save_resume_equal_one_process(tmp_path):
     # Orbax wrote one checkpoint from both hosts; each host stored its own data iterator state.
     assert sorted(p.name for p in (work / "checkpoints" / "3" / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
+    shutil.copytree(work, tmp_path / "two_then_one")
     logs = run_two_processes(work, **{"train.num_steps": 6})
     assert all("Resumed from step 3" in log for log in logs)
 
@@ -110,6 +113,14 @@ def test_two_processes_train_save_resume_equal_one_process(tmp_path):
     losses_two = [r["loss"] for r in two]
     print("two processes:", losses_two, "\none process:  ", [one[s] for s in range(1, 7)])
     np.testing.assert_allclose(losses_two, [one[s] for s in range(1, 7)], rtol=LOSS_RTOL)
+
+    # The two-process checkpoint of step 3, resumed by one process: it now reads both input shards,
+    # whose iterator states the two processes saved in separate files.
+    summary = train.train(config_with(**{"train.num_steps": 6}), str(tmp_path / "two_then_one"))
+    assert summary["step"] == 6
+    switched = [r["loss"] for r in logged(tmp_path / "two_then_one")]
+    print("two processes to step 3, then one:", switched)
+    np.testing.assert_allclose(switched, [one[s] for s in range(1, 7)], rtol=LOSS_RTOL)
     # Sampling at the end ran on the sharded parameters of both processes; process 0 wrote it.
     assert (work / "samples" / "samples_step0000006.png").exists()
     assert len(list((work / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per run, not per host

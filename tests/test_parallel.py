@@ -239,7 +239,7 @@ def test_input_shards_state_round_trip():
 
 def test_input_shards_restore_onto_another_process_layout(tmp_path):
     """Two processes each saved their shard (process_<i>-of-2.json); one process that now reads both
-    shards restores from both files (parallel.input_shards_checkpointing's handler)."""
+    shards restores from both files (checkpoint.InputShardsHandler)."""
     config = make_config()
     mesh = parallel.make_mesh((8, 1))
 
@@ -251,8 +251,8 @@ def test_input_shards_restore_onto_another_process_layout(tmp_path):
         shard = parallel.InputShards(make, first=i, num=1, count=2)
         next(shard)
         (tmp_path / f"process_{i}-of-2.json").write_bytes(shard.get_state())
-    handler, _, restore_args = parallel.input_shards_checkpointing()
-    both = handler().restore(tmp_path, args=restore_args(parallel.make_input_shards(mesh, make, input_shards=2)))
+    both = ckpt_lib.InputShardsHandler().restore(
+        tmp_path, args=ckpt_lib.InputShardsRestore(parallel.make_input_shards(mesh, make, input_shards=2)))
     straight = parallel.make_input_shards(mesh, make, input_shards=2)
     next(straight)
     np.testing.assert_array_equal(next(both)["image"], next(straight)["image"])
