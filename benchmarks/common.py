@@ -126,6 +126,11 @@ def _init_params(config_json: str, image_shape: tuple[int, int, int], num_classe
     return graphdef, init()
 
 
+def release_cached_params() -> None:
+    """Drops the cached random parameters (a large model's are gigabytes of device memory)."""
+    _init_params.cache_clear()
+
+
 def _randomise_zero_init(params, seed: int = 1):
     """DiT zero-initialises adaLN and the final layer, so a fresh model outputs exactly 0; give
     them small random values so the sampler integrates a non-trivial field (times are the same

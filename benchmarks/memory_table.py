@@ -117,7 +117,9 @@ def compile_times(presets=("L", "XL"), batch: int = 2) -> str:
     lines = ["| model (2 scales) | blocks | lower s | compile s | XLA temp bytes (batch 2) |",
              "| --- | --- | --- | --- | --- |"]
     mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
+    ratios = []
     for preset in presets:
+        seconds = {}
         for scan in (False, True):
             setup = make_setup(make_config(preset, 2, scan=scan, remat="full"), mesh, batch=batch)
             shardings, abstract = train.state_shardings(setup)
@@ -135,7 +137,9 @@ def compile_times(presets=("L", "XL"), batch: int = 2) -> str:
             lines.append(f"| {preset}/2 | {'scan' if scan else 'unrolled'} | {t1 - t0:.1f} | {t2 - t1:.1f} | "
                          f"{temp / 2**20:,.0f} MiB |")
             print(lines[-1], flush=True)
-    return "\n".join(lines)
+            seconds[scan] = t2 - t0
+        ratios.append(f"{preset}/2 lower+compile time, unrolled / scanned: {seconds[False] / seconds[True]:.2f}x")
+    return "\n".join(lines + [""] + ratios)
 
 
 def main():

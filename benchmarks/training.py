@@ -56,18 +56,19 @@ def print_report(spec: common.ModelSpec, results: dict, *, batch: int, peak_tflo
     print(f"\nTraining, {spec.image_size}x{spec.image_size}x{spec.channels}, width {spec.width}, depth {spec.depth}, "
           f"patch {spec.patch}, {spec.dtype}, global batch {batch}; {common.device_description()}")
     headers = ["model", "sub-batch per stage", "s/step (best)", "s/step (median)", "images/s", "GFLOPs/step",
-               "FLOPs ratio", "time ratio", "token ratio"]
+               "TFLOP/s per device", "FLOPs ratio", "time ratio", "token ratio"]
     if peak_tflops:
         headers.append("MFU")
     rows = []
     for name, r in results.items():
+        r["tflops_per_s_per_device"] = r["gflops_per_step_per_device"] / r["seconds_per_step"] / 1e3
         row = [common.LABELS[name], r["stage_batch_sizes"], r["seconds_per_step"], r["seconds_per_step_median"],
-               r["images_per_s"],
-               r["gflops_per_step"], f"{r['flops_ratio']:.3f}x" if "flops_ratio" in r else "1",
+               r["images_per_s"], r["gflops_per_step"], r["tflops_per_s_per_device"],
+               f"{r['flops_ratio']:.3f}x" if "flops_ratio" in r else "1",
                f"{r['time_ratio']:.3f}x" if "time_ratio" in r else "1",
                f"{r['token_ratio']:.3f}x" if "token_ratio" in r else "1"]
         if peak_tflops:
-            r["mfu"] = r["gflops_per_step_per_device"] / r["seconds_per_step"] / (peak_tflops * 1e3)
+            r["mfu"] = r["tflops_per_s_per_device"] / peak_tflops
             row.append(f"{100 * r['mfu']:.1f}%")
         rows.append(row)
     print(common.markdown_table(headers, rows))
