@@ -9,7 +9,9 @@ and read the FLOPs from XLA's cost analysis of the compiled program; then
 
 The single-scale baseline (the same width, depth and finest patch size, L = 1: DiT/SiT) is
 counted the same way at the same total NFE. With classifier-free guidance the velocity function
-runs the model on a doubled batch, and the count includes it, as it should.
+runs the model on a doubled batch, and the count includes it, as it should. The count is of the
+flow model alone, as in DiT's and the paper's tables: the autoencoder's decode (latent models),
+the final pyramid reconstruction and the optional coarse-to-fine preview decodes are not in it.
 
 Units: XLA counts a multiply-add as 2 FLOPs. DiT's tables (and papers that copy them, LapFlow's
 included) report "GFLOPs" that are multiply-accumulates, i.e. half our number: DiT-B/2 on a
