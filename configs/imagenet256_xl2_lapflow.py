@@ -23,16 +23,13 @@ Commands (docs/latent.md; the latents are imagenet256_b2_lapflow.py's, cache onc
     python -m lapflow_jax.main --config=configs/imagenet256_xl2_lapflow.py --workdir=workdirs/imagenet256_xl2_lapflow --mode=sample
 """
 
-import importlib.util
 import os
+
+from lapflow_jax.config import config_from_file
 
 
 def get_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet256_b2_lapflow.py")
-    spec = importlib.util.spec_from_file_location("imagenet256_b2_lapflow", path)
-    b2 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(b2)
-    c = b2.get_config()
+    c = config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet256_b2_lapflow.py"))
     c.model.preset = "XL"             # DiT-XL: 1152 wide, depth 28, 16 heads
     c.sample.guidance_scale = 1.0
     return c

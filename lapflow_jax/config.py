@@ -283,18 +283,23 @@ def validate_labels(c: ml_collections.ConfigDict, num_classes: int) -> int:
     return num_classes if c.model.conditional else 0
 
 
-def single_scale_baseline(lapflow_config_path: str) -> ml_collections.ConfigDict:
+def config_from_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """get_config() of the config file at `path`: for configs that build on another one."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def single_scale_baseline(lapflow_config_path: str | os.PathLike) -> ml_collections.ConfigDict:
     """The LapFlow config in `lapflow_config_path` turned into its single-scale baseline.
 
     Everything else (data, autoencoder, model size, optimiser, sampler) stays, so the two runs
     differ only in the multi-scale part: one scale on the whole [0, 1], the finest patch size.
     The MoT with one scale is a plain DiT/SiT velocity model.
     """
-    path = pathlib.Path(lapflow_config_path)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = config_from_file(lapflow_config_path)
     c.num_scales = 1
     c.window_starts = (0.0,)
     c.model.patch_sizes = (c.model.patch_sizes[0],)
