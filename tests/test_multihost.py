@@ -18,8 +18,10 @@ import pytest
 
 from lapflow_jax import train
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = str(REPO / "configs" / "demo.py")
+import demo_run
+
+REPO = demo_run.REPO
+DEMO_CONFIG = demo_run.DEMO_CONFIG
 
 # Tiny model, 16x16 images, a global batch of 16 (8 per process; 8 per scale stage, 1 per device).
 OVERRIDES = {
@@ -35,12 +37,7 @@ LOSS_RTOL = 1e-5
 
 
 def cli_args(**overrides):
-    args = []
-    for key, value in {**OVERRIDES, **overrides}.items():
-        if isinstance(value, tuple):
-            value = "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-        args.append(f"--config.{key}={value}")
-    return args
+    return demo_run.cli_args({**OVERRIDES, **overrides})
 
 
 def free_port() -> int:
@@ -77,16 +74,7 @@ def logged(workdir) -> list[dict]:
 
 
 def config_with(**overrides):
-    sys.path.insert(0, str(REPO))
-    from configs import demo
-    config = demo.get_config()
-    for key, value in {**OVERRIDES, **overrides}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return demo_run.demo_config({**OVERRIDES, **overrides})
 
 
 @pytest.mark.slow

@@ -4,9 +4,6 @@ shardings are the rules'; a checkpoint saved on 4x2 restores onto 2x2 and onto 1
 Uses the 8 fake CPU devices of conftest.py.
 """
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +15,7 @@ from lapflow_jax import parallel, train
 from lapflow_jax.data import pipeline
 from lapflow_jax.models import mot
 
-REPO = Path(__file__).resolve().parents[1]
+import demo_run
 
 # Float32, the same batch and init: sharded and single-device steps differ only by the order of
 # float reductions (all-reduces, split matmuls). Measured differences are ~1e-7 (see the asserts'
@@ -28,23 +25,12 @@ PARAM_ATOL = 2e-6
 
 
 def make_config(**overrides):
-    sys.path.insert(0, str(REPO))
-    from configs import demo
-    config = demo.get_config()
-    values = {
+    return demo_run.demo_config({
         "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 8, "model.patch_sizes": (2, 2),
         "model.attention_backend": "xla", "data.image_size": 16, "data.num_records": 64,
         "train.global_batch_size": 16, "train.warmup_steps": 0, "train.learning_rate": 1e-3,
-        "train.ema_decay": 0.9, "pyramid.sigmas": (0.15, 0.45), "mesh_shape": (1, 1),
-    }
-    values.update(overrides)
-    for key, value in values.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+        "train.ema_decay": 0.9, "pyramid.sigmas": (0.15, 0.45), "mesh_shape": (1, 1), **overrides,
+    })
 
 
 def setup_on(config, shape, devices=None):

@@ -28,12 +28,7 @@ def tiny_config(**overrides):
     c.sample.previews = True
     c.sample.gflops = False
     c.mesh_shape = (1, 1)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

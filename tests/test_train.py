@@ -15,8 +15,10 @@ import pytest
 from lapflow_jax import parallel, train
 from lapflow_jax.data import pipeline
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = str(REPO / "configs" / "demo.py")
+import demo_run
+
+REPO = demo_run.REPO
+DEMO_CONFIG = demo_run.DEMO_CONFIG
 
 # A tiny run of the demo config: 16x16 crops, a 32-wide 1-block MoT, 8 images per step.
 TINY_OVERRIDES = {
@@ -28,25 +30,11 @@ TINY_OVERRIDES = {
 
 
 def tiny_config(**overrides):
-    sys.path.insert(0, str(REPO))
-    from configs import demo
-    config = demo.get_config()
-    for key, value in {**TINY_OVERRIDES, **overrides}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return demo_run.demo_config({**TINY_OVERRIDES, **overrides})
 
 
 def cli_args(**overrides):
-    args = []
-    for key, value in {**TINY_OVERRIDES, **overrides}.items():
-        if isinstance(value, tuple):
-            value = "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-        args.append(f"--config.{key}={value}")
-    return args
+    return demo_run.cli_args({**TINY_OVERRIDES, **overrides})
 
 
 def run_main(workdir, *extra, check=True, **overrides):
