@@ -203,7 +203,6 @@ def synthetic_setup(config, spec: ModelSpec):
     need a latent cache on disk); a benchmark needs neither, so the same fields are filled here
     from the spec, with the same helpers.
     """
-    import jax
     from flax import nnx
 
     from lapflow_jax import config as config_lib

@@ -8,7 +8,6 @@ every `plt.show()` into an image/png output, which is what these tests inspect.
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import nbformat
