@@ -201,6 +201,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
                          f"{attention.BACKENDS}.")
     if c.sample.method not in METHODS:
         raise ValueError(f"config.sample.method={c.sample.method!r} is not one of {METHODS}.")
+    if c.model.conditional and c.sample.guidance_scale != 1.0 and c.model.class_dropout == 0:
+        # Without label dropout the model has no null-class row (and never learns an unconditional
+        # velocity): guidance would silently read a real class as its "null" (JAX clamps the index).
+        raise ValueError(
+            f"config.sample.guidance_scale={c.sample.guidance_scale} needs a trained null class, but "
+            f"config.model.class_dropout={c.model.class_dropout}: train with class_dropout > 0 (e.g. 0.1) "
+            "or sample with guidance_scale=1.0.")
     unknown = [m for m in c.eval.metrics if m not in EVAL_METRICS]
     if unknown or not c.eval.metrics:
         raise ValueError(f"config.eval.metrics={tuple(c.eval.metrics)}: each must be one of {EVAL_METRICS}.")
@@ -241,6 +248,9 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
         value = c[field.split(".")[0]][field.split(".")[1]]
         if value < low:
             raise ValueError(f"config.{field}={value} must be >= {low}.")
+    if c.sample.steps < c.num_scales:
+        raise ValueError(f"config.sample.steps={c.sample.steps} must be >= config.num_scales={c.num_scales}: "
+                         "each segment between window starts needs a step.")
     for field in ("train.learning_rate", "train.grad_clip", "train.weight_decay"):
         value = c[field.split(".")[0]][field.split(".")[1]]
         if not math.isfinite(value) or value < 0 or (field == "train.learning_rate" and value == 0):

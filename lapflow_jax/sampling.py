@@ -48,9 +48,27 @@ class SampleResult:
 
 
 def steps_per_segment(path: MultiScalePath, total_steps: int) -> tuple[int, ...]:
-    """Splits `total_steps` over the segments in proportion to their length (each >= 1)."""
+    """Splits `total_steps` over the segments (time order) in proportion to their length.
+
+    Largest-remainder rounding, so the steps sum to exactly `total_steps` (rounding each share on
+    its own gives 51 for 50 over three equal segments); a segment left with 0 then takes one step
+    from the largest. Needs total_steps >= the number of segments (each gets >= 1).
+    """
     lengths = [t1 - t0 for t0, t1, _ in path.segments()]
-    steps = [max(1, round(total_steps * length)) for length in lengths]
+    if total_steps < len(lengths):
+        raise ValueError(f"{total_steps} sampling steps cannot give each of the {len(lengths)} segments "
+                         f"(one per scale) a step; config.sample.steps must be >= {len(lengths)}.")
+    quotas = [total_steps * length / sum(lengths) for length in lengths]
+    steps = [int(q) for q in quotas]
+    # Rounded fractions: equal segments (1/3 each) tie exactly and the earlier one wins, instead
+    # of whichever float error happens to be larger.
+    order = sorted(range(len(steps)), key=lambda i: (-round(quotas[i] - steps[i], 9), i))
+    for i in order[:total_steps - sum(steps)]:
+        steps[i] += 1
+    for i in range(len(steps)):
+        if steps[i] == 0:
+            steps[max(range(len(steps)), key=lambda j: steps[j])] -= 1
+            steps[i] = 1
     return tuple(steps)
 
 
@@ -177,6 +195,13 @@ def guided_velocity_fn(graphdef: nnx.GraphDef, guidance_scale: float, null_class
 def _guided_velocity(graphdef, scale, null_class, args, states, t):
     model_state, labels = args
     model = nnx.merge(graphdef, model_state)
+    # Checked while tracing (shapes are static): an out-of-range index would be clamped by JAX
+    # and guidance would silently use the last real class as "null".
+    rows = model.class_embed.shape[0] if hasattr(model, "class_embed") else 0
+    if rows <= null_class:
+        raise ValueError(f"classifier-free guidance needs the null class {null_class}, but the model's class "
+                         f"embedding has {rows} rows (trained with config.model.class_dropout=0); sample with "
+                         "config.sample.guidance_scale=1.0.")
     doubled = [jnp.concatenate([x, x]) for x in states]
     both = jnp.concatenate([labels, jnp.full_like(labels, null_class)])
     out = model(doubled, jnp.concatenate([t, t]), both)

@@ -4,6 +4,8 @@ what its checkpoint means is refused with the changes listed, harmless changes a
 
 import logging
 import os
+import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from lapflow_jax import checkpoint as ckpt_lib
+from lapflow_jax import config as config_lib
 from lapflow_jax import parallel, train
 from lapflow_jax.data import pipeline
 
@@ -70,6 +73,11 @@ BAD_CONFIGS = {
     "guidance on an unconditional model": (
         {"model.conditional": False, "sample.guidance_scale": 2.0},
         ["config.sample.guidance_scale=2.0 needs a class-conditional model", "config.model.conditional=False"]),
+    "guidance without a trained null class": (
+        {"model.conditional": True, "model.class_dropout": 0.0, "sample.guidance_scale": 2.0},
+        ["config.sample.guidance_scale=2.0 needs a trained null class", "config.model.class_dropout=0.0"]),
+    "fewer sampling steps than segments": (
+        {"sample.steps": 1}, ["config.sample.steps=1 must be >= config.num_scales=2"]),
 }
 
 
@@ -80,6 +88,47 @@ def test_bad_config_is_refused_naming_field_value_and_allowed(name):
         train.make_setup(tiny_config(**overrides), one_device_mesh())
     for fragment in fragments:
         assert fragment in str(e.value), (fragment, str(e.value))
+
+
+def test_guidance_with_a_trained_null_class_is_accepted():
+    """The other side of "guidance without a trained null class": with label dropout the model
+    gets its null-class row (num_classes + 1 embeddings), and guidance validates (nothing compiles)."""
+    setup = train.make_setup(tiny_config(**{"model.conditional": True, "model.class_dropout": 0.1,
+                                            "sample.guidance_scale": 2.0}), one_device_mesh())
+    _, abstract = train.state_shardings(setup)
+    assert setup.num_classes > 0
+    assert abstract.params["class_embed"].shape[0] == setup.num_classes + 1
+
+
+SHIPPED_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_shipped_configs_validate(name):
+    """Every config in configs/ validates as shipped, and with each guidance scale its docstring
+    suggests (--config.sample.guidance_scale=X): a suggested guided run has a trained null class."""
+    config = config_lib.config_from_file(REPO / "configs" / name)
+    config_lib.validate(config)
+    doc = runpy.run_path(str(REPO / "configs" / name))["__doc__"] or ""
+    for scale in re.findall(r"--config\.sample\.guidance_scale=([0-9.]+)", doc):
+        config.sample.guidance_scale = float(scale)
+        config_lib.validate(config)
+
+
+def test_benchmark_configs_validate():
+    """The benchmark scripts' configs (benchmarks/), guided ones included."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import common, memory_table, quality  # pylint: disable=import-outside-toplevel
+
+    for starts in common.SETTINGS.values():
+        for method, guidance in (("euler", 1.0), ("heun", 1.5)):
+            config_lib.validate(common.make_config(common.ModelSpec(), starts, method=method, guidance=guidance))
+    for preset in ("B", "XL"):
+        for scales in (1, 2):
+            config_lib.validate(memory_table.make_config(preset, scales))
+    args = quality.parse_args([])  # its defaults, guidance included
+    for scales in quality.WINDOWS:
+        config_lib.validate(quality.make_config(args, scales, seed=0, steps=args.steps))
 
 
 @pytest.mark.parametrize("mesh_shape,batch,fragments", [

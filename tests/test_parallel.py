@@ -1,12 +1,16 @@
-"""Sharding: a train step on every mesh layout (and FSDP, scan, remat) equals one device; parameter
-shardings are the rules'; a checkpoint saved on 4x2 restores onto 2x2 and onto 1 device.
+"""Sharding: a train step on every mesh layout (and FSDP, scan, remat) equals one device, gradient
+for gradient; parameter shardings are the rules'; a checkpoint saved on 4x2 restores onto 2x2 and
+onto 1 device.
 
 Uses the 8 fake CPU devices of conftest.py.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -18,10 +22,17 @@ from lapflow_jax.models import mot
 import demo_run
 
 # Float32, the same batch and init: sharded and single-device steps differ only by the order of
-# float reductions (all-reduces, split matmuls). Measured differences are ~1e-7 (see the asserts'
-# messages); the tolerances leave a margin of about 10x.
+# float reductions (all-reduces, split matmuls). Measured loss differences are ~1e-7 (see the
+# asserts' messages); the tolerance leaves a margin of about 10x.
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 2e-6
+# The mesh tests take plain SGD steps (no clipping, no Adam: both hide a uniformly scaled
+# gradient), so each parameter's update is -SGD_LR times its gradient(s), and the sharded update
+# is compared with the one-device update leaf by leaf, relative to its size:
+# ||update - reference update|| / ||reference update||. Measured at most 8e-6 (see the print); a
+# gradient scaled by the data-axis size (a psum where a mean belongs) gave 0.76 to 119 on 4x2 and
+# 8x1, every parameter above 0.7.
+SGD_LR = 0.05
+UPDATE_RTOL = 1e-4
 
 
 def make_config(**overrides):
@@ -35,6 +46,12 @@ def make_config(**overrides):
 
 def setup_on(config, shape, devices=None):
     return train.make_setup(config, parallel.make_mesh(shape, devices if devices is not None else jax.devices()))
+
+
+def with_sgd(setup):
+    """The setup with plain SGD in place of clipping + AdamW (still skipping non-finite steps, as
+    the train step's metrics expect)."""
+    return dataclasses.replace(setup, tx=optax.apply_if_finite(optax.sgd(SGD_LR), max_consecutive_errors=2**30))
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +82,8 @@ def perturbed(state):
 
 @pytest.fixture(scope="module")
 def reference(batches):
-    """Two steps on one device from a perturbed initial state (host numpy). The first step's
-    learning rate is 0 (warmup), the second moves the parameters."""
-    setup = setup_on(make_config(), (1, 1), jax.devices()[:1])
+    """Two plain SGD steps on one device from a perturbed initial state (host numpy)."""
+    setup = with_sgd(setup_on(make_config(), (1, 1), jax.devices()[:1]))
     init = perturbed(train.create_state(setup, np.asarray(setup.config.pyramid.sigmas, np.float32)))
     state, losses, _ = run_steps(setup, jax.device_put(init, train.state_shardings(setup)[0]), batches)
     return init, jax.device_get(state), losses
@@ -110,8 +126,9 @@ def check_shardings(state, mesh, fsdp, layers=False):
     params = by_path(state.params)
     mu = by_path(state.opt_state)
     for name, spec in expected_specs(fsdp, layers).items():
-        for where, leaf in (("params", params[name]), ("ema", by_path(state.ema_params)[name]),
-                            ("adam mu", next(v for k, v in mu.items() if k.endswith("mu/" + name)))):
+        # Adam's first moment, when the optimizer has one (the SGD of the mesh tests has none).
+        moments = [("adam mu", v) for k, v in mu.items() if k.endswith("mu/" + name)]
+        for where, leaf in [("params", params[name]), ("ema", by_path(state.ema_params)[name])] + moments:
             assert leaf.sharding == NamedSharding(mesh, spec), (where, name, leaf.sharding.spec, spec)
             # ... and the data really is split that way on the devices.
             local = leaf.addressable_shards[0].data.shape
@@ -119,17 +136,29 @@ def check_shardings(state, mesh, fsdp, layers=False):
             assert local == want, (where, name, local, want)
 
 
+def update_errors(state, init, reference, convert=lambda p: p) -> dict[str, float]:
+    """Per parameter: ||update - reference update|| / ||reference update||, updates from `init`
+    (plain SGD: the learning rate times the summed gradients of the steps)."""
+    got, want, start = (by_path(p) for p in (convert(jax.device_get(state.params)), reference.params, init.params))
+    assert got.keys() == want.keys()
+    errors = {}
+    for k in want:
+        ref_update = want[k].astype(np.float64) - start[k]
+        errors[k] = float(np.linalg.norm(got[k] - want[k]) / np.linalg.norm(ref_update))
+    return errors
+
+
 def assert_close(state, init, reference, losses, ref_losses, convert=lambda p: p):
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
-    got, want = by_path(convert(jax.device_get(state.params))), by_path(reference.params)
-    assert got.keys() == want.keys()
-    worst = max(float(np.abs(got[k] - want[k]).max()) for k in want)
-    print(f"losses {losses} vs {ref_losses}; max |param difference| {worst:.2e}")
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], atol=PARAM_ATOL, rtol=0, err_msg=k)
-    # The tensor-parallel weights really moved (the comparison is not between two initial states).
-    for name in ("blocks/0/qkv/kernel", "blocks/0/mlp_out/kernel"):
-        assert float(np.abs(want[name] - by_path(init.params)[name]).max()) > 1e-4, name
+    errors = update_errors(state, init, reference, convert)
+    worst = max(errors, key=errors.get)
+    print(f"losses {losses} vs {ref_losses}; largest relative update error {errors[worst]:.2e} ({worst})")
+    for k, err in errors.items():
+        assert err < UPDATE_RTOL, (k, err)
+    # Every parameter really moved, the tensor-parallel ones included (no comparison of two
+    # initial states, and no division by a zero update).
+    for name, update in by_path(jax.tree.map(lambda a, b: np.abs(a - b).max(), reference.params, init.params)).items():
+        assert update > 1e-4, (name, update)
 
 
 MESHES = [((8, 1), False), ((4, 2), False), ((2, 4), False), ((1, 8), False), ((4, 2), True), ((8, 1), True)]
@@ -150,7 +179,7 @@ def test_state_shardings_follow_the_rules(shape, fsdp):
 @pytest.mark.parametrize("shape,fsdp", MESHES)
 def test_step_on_mesh_equals_one_device(shape, fsdp, batches, reference):
     init, ref_state, ref_losses = reference
-    setup = setup_on(make_config(fsdp=fsdp), shape)
+    setup = with_sgd(setup_on(make_config(fsdp=fsdp), shape))
     state, losses, step = run_steps(setup, placed(setup, init), batches)
     check_shardings(state, setup.mesh, fsdp)
     assert_close(state, init, ref_state, losses, ref_losses)
@@ -162,7 +191,8 @@ def test_scan_and_remat_on_fsdp_mesh_equal_unrolled_one_device(batches, referenc
     """The stacked (scan) layout with full remat, on 2x4 with FSDP, from the reference's initial
     parameters: same losses and parameters as the unrolled model on one device."""
     init, ref_state, ref_losses = reference
-    setup = setup_on(make_config(**{"fsdp": True, "model.scan_layers": True, "model.remat": "full"}), (2, 4))
+    setup = with_sgd(setup_on(make_config(**{"fsdp": True, "model.scan_layers": True, "model.remat": "full"}),
+                              (2, 4)))
     shardings, abstract = train.state_shardings(setup)
     assert abstract.params["blocks"]["qkv"]["kernel"].shape == (1, 2, 32, 96)  # [layers, scale, in, out]
     params = mot.stack_blocks(init.params)

@@ -1,4 +1,5 @@
-"""The sample mode: batched, resumable by index, sharded over devices, previews, NFE and GFLOPs."""
+"""The sample mode: batched, resumable by index, sharded over devices, previews, NFE and GFLOPs; the
+split of the sampler's steps over segments; guidance refuses a model without a null class."""
 
 import json
 
@@ -9,8 +10,9 @@ import pytest
 from flax import nnx
 
 from lapflow_jax import config as config_lib
-from lapflow_jax import generate, parallel, sample, train
+from lapflow_jax import generate, parallel, sample, sampling, train
 from lapflow_jax.models import build_model
+from lapflow_jax.paths import MultiScalePath
 
 
 def tiny_config(**overrides):
@@ -123,3 +125,47 @@ def test_guidance_and_dopri5_report_their_cost(single, tmp_path):
         sum(n * g for n, g in zip(gflops["nfe_per_segment"], gflops["gflops_per_call_per_segment"])))
     assert gflops["baseline_over_lapflow"] > 1.0
     assert json.loads((tmp_path / "summary.json").read_text())["method"] == "dopri5"
+
+
+@pytest.mark.parametrize("starts", [(0.0,), (0.5, 0.0), (2 / 3, 1 / 3, 0.0), (0.1, 0.0), (0.9, 0.0),
+                                    (0.99, 0.5, 0.0), (0.75, 0.5, 0.25, 0.0), (0.97, 0.9, 0.02, 0.0)])
+def test_steps_per_segment_sum_to_the_requested_total(starts):
+    """Largest-remainder rounding: exactly the total, every segment >= 1, each share within one
+    step of its exact proportion (plus one per segment shorter than a step, lifted to 1)."""
+    path = MultiScalePath(starts)
+    lengths = [t1 - t0 for t0, t1, _ in path.segments()]
+    for total in range(len(starts), 400):
+        steps = sampling.steps_per_segment(path, total)
+        assert sum(steps) == total and min(steps) >= 1, (total, steps)
+        quotas = [total * length for length in lengths]
+        slack = 1 + sum(q < 1 for q in quotas)
+        assert all(abs(n - q) < slack for n, q in zip(steps, quotas)), (total, steps, quotas)
+    with pytest.raises(ValueError, match="config.sample.steps must be >= "):
+        sampling.steps_per_segment(path, len(starts) - 1)
+
+
+def test_steps_per_segment_known_splits():
+    three = MultiScalePath((2 / 3, 1 / 3, 0.0))
+    assert sampling.steps_per_segment(three, 50) == (17, 17, 16)   # rounding each share gave 51
+    assert sampling.steps_per_segment(three, 100) == (34, 33, 33)
+    assert sampling.steps_per_segment(MultiScalePath((0.5, 0.0)), 40) == (20, 20)
+    assert sampling.steps_per_segment(MultiScalePath((0.99, 0.0)), 10) == (9, 1)  # 9.9 + 0.1, lifted
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_guidance_needs_the_null_class_row(dropout):
+    """Behind the config check: a guided velocity on a model without a null-class row (trained with
+    class_dropout 0) is refused while tracing, instead of JAX clamping the index to a real class."""
+    from lapflow_jax.models import mot
+
+    model = nnx.eval_shape(lambda: mot.MoT(image_shape=(8, 8, 1), num_scales=2, patch_sizes=(2, 2), hidden_size=16,
+                                           depth=1, num_heads=2, num_classes=3, class_dropout=dropout,
+                                           rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)  # abstract: nothing is computed or compiled
+    fn = sampling.guided_velocity_fn(graphdef, 2.0, model.null_class)
+    states, t, labels = [jnp.ones((2, 4, 4, 1))], jnp.full((2,), 0.25), jnp.array([0, 2])
+    if dropout:
+        assert jax.eval_shape(fn, (state, labels), states, t)[0].shape == (2, 4, 4, 1)
+    else:
+        with pytest.raises(ValueError, match="guidance needs the null class 3, but the model's class embedding has 3"):
+            jax.eval_shape(fn, (state, labels), states, t)
