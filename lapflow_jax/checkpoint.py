@@ -7,21 +7,25 @@ midway is never taken for a checkpoint). Resuming refuses a config that changes 
 checkpoint means (model, scales, windows, batch), listing the differences, and every restore
 refuses a checkpoint whose arrays do not fit the model (a different model or code version),
 listing the arrays that differ. Nothing here unpickles: the state is tensorstore arrays plus
-JSON metadata, the data-iterator state and the config are JSON.
+JSON metadata, the data-iterator state and the config are JSON. `Preemption` turns a SIGTERM on
+any host into a save of the same step on every host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 from typing import Any
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from lapflow_jax import parallel
 
@@ -176,9 +180,6 @@ class Checkpointer:
             "Start a new run with a new --workdir (or delete its checkpoints/ to start over), or resume anyway "
             "with --config.checkpoint.force_resume=True (the parameter shapes must still match).")
 
-    def reached_preemption(self, step: int) -> bool:
-        return self.manager.reached_preemption(step)
-
     def restore_config(self, step: int) -> dict:
         """The config (as a JSON dict) saved with checkpoint `step`."""
         if not (self.directory / str(step) / "config").exists():
@@ -240,6 +241,12 @@ class Checkpointer:
             raise self._save_error("an asynchronous save", e) from e
 
     def close(self) -> None:
+        # Orbax (0.12.8) starts a temporary-folder cleanup thread when the manager is made and
+        # awaits it only in save(): a process that exits right after a restore-only use (sample,
+        # eval, "no checkpoint" errors) killed it mid-run, and Orbax logged its traceback.
+        cleanup = getattr(self.manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
         self.manager.close()
 
 
@@ -257,3 +264,66 @@ def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree` carrying the given target shardings."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Preemption:
+    """Decides when a preempted run saves and stops: at the same step on every host.
+
+    Wrap the training loop in it and call `should_stop(step)` once after every step, with the
+    step number of the train state (the numbering Orbax's own preemption checks in
+    CheckpointManager.save use), on every host alike. A SIGTERM on any one host makes every host
+    return True at one and the same step, so all of them enter the save's collectives together;
+    if hosts decided alone, the one that stops would wait in the save's barrier while the others
+    wait for it in the next step's all-reduce, and the pod would hang until killed.
+
+    - Under jax.distributed with JAX's preemption service (`jax_enable_preemption_service`, on by
+      default), the service's own C++ SIGTERM handler notices the signal, the coordination service
+      tells every host, and they agree on the step after the fastest host's current one;
+      `reached_preemption_sync_point(step)` is True at that step everywhere. Per step that is a
+      mutex and a comparison, no communication. No Python handler is installed then: signal.signal
+      would replace the service's handler, and the other hosts would never hear of the signal.
+      A notice that arrives before `__enter__` of a resumed run is agreed on a step the run never
+      reaches (the hosts have not told the service their step yet) and so is lost, as it would be
+      without this class; a fresh run stops at its first step.
+    - Otherwise (one process, or several with the service turned off) a Python handler sets a
+      local flag. One process reads it; several all-gather it after every step, a collective that
+      every host runs at the same step and so reads the same answer from.
+    """
+
+    def __init__(self, start_step: int):
+        self.requested = False  # this process got SIGTERM (only where the Python handler is in use)
+        self._start_step = start_step
+        self._jax_sync = False
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        if jax.distributed.is_initialized():
+            try:
+                # Tells the service this host's step, so that a notice agrees on a step ahead of it.
+                multihost_utils.reached_preemption_sync_point(self._start_step)
+                self._jax_sync = True
+            except RuntimeError:  # the preemption service is turned off
+                logging.warning("jax_enable_preemption_service is off: the hosts agree on SIGTERM with one "
+                                "all-gather per step instead.")
+        if not self._jax_sync:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners): SIGTERM is not caught
+                logging.warning("Not in the main thread: SIGTERM will end this run without a checkpoint.")
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting.")
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """True on every host at the same step once any host got SIGTERM."""
+        if self._jax_sync:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -46,27 +47,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(workdir, mode="train", **overrides):
+def start_two_processes(workdir, mode="train", env=None, **overrides) -> list[tuple[subprocess.Popen, object]]:
+    """Starts process 0 and 1 of a 2-process run of the entry point (with `env` added to their
+    environment); each logs to <workdir>.process<i>.log."""
     port = free_port()
     procs = []
     for i in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+        env_i = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+                 **(env or {})}
         cmd = [sys.executable, "-m", "lapflow_jax.main", f"--config={DEMO_CONFIG}", f"--workdir={workdir}",
                f"--mode={mode}", *cli_args(**overrides), f"--coordinator_address=127.0.0.1:{port}",
                "--num_processes=2", f"--process_id={i}"]
         log = open(Path(str(workdir) + f".process{i}.log"), "w")
-        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env_i, stdout=log, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def finish_two_processes(workdir, procs, timeout: float = 900) -> list[str]:
+    """Waits (at most `timeout` seconds for both together, or until one fails), kills what is left,
+    asserts both exited 0, and returns their logs."""
+    deadline = time.monotonic() + timeout
+    # Stop waiting as soon as one fails: the other would wait for it in a collective until timeout.
+    while (time.monotonic() < deadline and any(p.poll() is None for p, _ in procs)
+           and not any(p.poll() for p, _ in procs)):
+        time.sleep(0.5)
+    failed = any(p.poll() for p, _ in procs)
+    hung = [] if failed else [i for i, (p, _) in enumerate(procs) if p.poll() is None]
     for proc, log in procs:
-        try:
-            proc.wait(timeout=900)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
-    for i, (proc, _) in enumerate(procs):
-        text = Path(str(workdir) + f".process{i}.log").read_text()
-        assert proc.returncode == 0, f"process {i} failed:\n{text[-4000:]}"
-    return [Path(str(workdir) + f".process{i}.log").read_text() for i in range(2)]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    logs = [Path(str(workdir) + f".process{i}.log").read_text() for i in range(2)]
+    assert not hung, f"process(es) {hung} still running after {timeout:.0f} s (hung), killed:\n" + "\n".join(
+        f"--- process {i}:\n{text[-3000:]}" for i, text in enumerate(logs))
+    bad = [i for i, (proc, _) in enumerate(procs) if proc.returncode != 0]  # -9: killed after the other failed
+    assert not bad, "\n".join(f"--- process {i} failed (exit {procs[i][0].returncode}):\n{logs[i][-3000:]}"
+                               for i in bad)
+    return logs
+
+
+def run_two_processes(workdir, mode="train", **overrides):
+    return finish_two_processes(workdir, start_two_processes(workdir, mode, **overrides))
 
 
 def logged(workdir) -> list[dict]:
