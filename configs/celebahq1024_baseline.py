@@ -12,6 +12,7 @@ Commands (the cached latents are celebahq1024_lapflow.py's: cache once with eith
     python -m lapflow_jax.latents --config=configs/celebahq1024_baseline.py
     python -m lapflow_jax.main --config=configs/celebahq1024_baseline.py --workdir=workdirs/celebahq1024_baseline
     python -m lapflow_jax.main --config=configs/celebahq1024_baseline.py --workdir=workdirs/celebahq1024_baseline --mode=sample
+    python -m lapflow_jax.main --config=configs/celebahq1024_baseline.py --workdir=workdirs/celebahq1024_baseline --mode=eval
 """
 
 import os

@@ -21,9 +21,10 @@ prepare celeb_a_hq/1024 with tfds):
     python -m lapflow_jax.latents --config=configs/celebahq1024_lapflow.py
     python -m lapflow_jax.main --config=configs/celebahq1024_lapflow.py --workdir=workdirs/celebahq1024_lapflow
     python -m lapflow_jax.main --config=configs/celebahq1024_lapflow.py --workdir=workdirs/celebahq1024_lapflow --mode=sample
+    python -m lapflow_jax.main --config=configs/celebahq1024_lapflow.py --workdir=workdirs/celebahq1024_lapflow --mode=eval
 
 The cached latents (about 16 GB in float16) are shared with celebahq1024_baseline.py. On a
-TPU pod, add --distributed to both commands on every host.
+TPU pod, add --distributed to every command on every host.
 """
 
 import os

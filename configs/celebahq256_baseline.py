@@ -13,6 +13,7 @@ Commands (the cached latents are celebahq256_lapflow.py's: cache once with eithe
     python -m lapflow_jax.latents --config=configs/celebahq256_baseline.py
     python -m lapflow_jax.main --config=configs/celebahq256_baseline.py --workdir=workdirs/celebahq256_baseline
     python -m lapflow_jax.main --config=configs/celebahq256_baseline.py --workdir=workdirs/celebahq256_baseline --mode=sample
+    python -m lapflow_jax.main --config=configs/celebahq256_baseline.py --workdir=workdirs/celebahq256_baseline --mode=eval
 """
 
 import os

@@ -24,9 +24,17 @@ celeb_a_hq/256 with tfds):
     python -m lapflow_jax.latents --config=configs/celebahq256_lapflow.py
     python -m lapflow_jax.main --config=configs/celebahq256_lapflow.py --workdir=workdirs/celebahq256_lapflow
     python -m lapflow_jax.main --config=configs/celebahq256_lapflow.py --workdir=workdirs/celebahq256_lapflow --mode=sample
+    python -m lapflow_jax.main --config=configs/celebahq256_lapflow.py --workdir=workdirs/celebahq256_lapflow --mode=eval
 
 The cached latents (about 2 GB: 30k images x 2 flips x mean and std, float32) are shared with
-celebahq256_baseline.py. On a TPU pod, add --distributed to both commands on every host.
+celebahq256_baseline.py. On a TPU pod, add --distributed to every command on every host.
+
+--mode=eval computes FID (config.eval.metrics; the paper's metric) and the EfficientNet Fréchet
+distance of 50,000 samples against all 30,000 CelebA-HQ images: tfds's celeb_a_hq has only a
+"train" split, and FIDs on CelebA-HQ are reported against it. FID needs the InceptionV3 weights
+at weights/pt_inception-2015-12-05-6726825d.pth (config.eval.inception_weights); download once:
+
+    mkdir -p weights && wget -P weights https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 """
 
 from lapflow_jax.config import base_config
@@ -75,4 +83,9 @@ def get_config():
     c.checkpoint.every_steps = 5000
     c.log.every_steps = 100
     c.log.sample_every_steps = 25_000
+    # --mode=eval: tfds's celeb_a_hq has only "train", so FID is against the training images,
+    # as CelebA-HQ FIDs are reported (num_reference 0: min(50,000 samples, 30,000 images)).
+    c.eval.reference_split = "train"
+    c.eval.metrics = ("fid", "fd_efficientnet")
+    c.eval.inception_weights = "weights/pt_inception-2015-12-05-6726825d.pth"
     return c

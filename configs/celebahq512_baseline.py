@@ -12,6 +12,7 @@ Commands (the cached latents are celebahq512_lapflow.py's: cache once with eithe
     python -m lapflow_jax.latents --config=configs/celebahq512_baseline.py
     python -m lapflow_jax.main --config=configs/celebahq512_baseline.py --workdir=workdirs/celebahq512_baseline
     python -m lapflow_jax.main --config=configs/celebahq512_baseline.py --workdir=workdirs/celebahq512_baseline --mode=sample
+    python -m lapflow_jax.main --config=configs/celebahq512_baseline.py --workdir=workdirs/celebahq512_baseline --mode=eval
 """
 
 import os

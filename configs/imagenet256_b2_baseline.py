@@ -13,6 +13,7 @@ Commands (the cached latents are imagenet256_b2_lapflow.py's: cache once with ei
     python -m lapflow_jax.latents --config=configs/imagenet256_b2_baseline.py
     python -m lapflow_jax.main --config=configs/imagenet256_b2_baseline.py --workdir=workdirs/imagenet256_b2_baseline
     python -m lapflow_jax.main --config=configs/imagenet256_b2_baseline.py --workdir=workdirs/imagenet256_b2_baseline --mode=sample
+    python -m lapflow_jax.main --config=configs/imagenet256_b2_baseline.py --workdir=workdirs/imagenet256_b2_baseline --mode=eval
 """
 
 import os

@@ -23,10 +23,19 @@ prepare imagenet2012 with tfds, --manual_dir holding the ILSVRC2012 archives):
     python -m lapflow_jax.latents --config=configs/imagenet256_b2_lapflow.py
     python -m lapflow_jax.main --config=configs/imagenet256_b2_lapflow.py --workdir=workdirs/imagenet256_b2_lapflow
     python -m lapflow_jax.main --config=configs/imagenet256_b2_lapflow.py --workdir=workdirs/imagenet256_b2_lapflow --mode=sample
+    python -m lapflow_jax.main --config=configs/imagenet256_b2_lapflow.py --workdir=workdirs/imagenet256_b2_lapflow --mode=eval
 
 The cached latents (1.28M images x 2 flips x mean and std in float16: about 42 GB) are shared
-by all four imagenet256_* configs. On a TPU pod, add --distributed to both commands on every
+by all four imagenet256_* configs. On a TPU pod, add --distributed to every command on every
 host (caching splits the shards over the hosts).
+
+--mode=eval computes FID (config.eval.metrics; the paper's metric) and the EfficientNet Fréchet
+distance of 50,000 samples against 50,000 ImageNet training images (as ADM's reference batch;
+--config.eval.fid_stats=VIRTUAL_imagenet256_labeled.npz uses ADM's statistics instead). FID
+needs the InceptionV3 weights at weights/pt_inception-2015-12-05-6726825d.pth
+(config.eval.inception_weights); download once:
+
+    mkdir -p weights && wget -P weights https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 """
 
 from lapflow_jax.config import base_config
@@ -78,4 +87,8 @@ def get_config():
     c.checkpoint.every_steps = 10_000
     c.log.every_steps = 100
     c.log.sample_every_steps = 50_000
+    # --mode=eval: FID against 50,000 training images, as ADM's reference statistics.
+    c.eval.reference_split = "train"
+    c.eval.metrics = ("fid", "fd_efficientnet")
+    c.eval.inception_weights = "weights/pt_inception-2015-12-05-6726825d.pth"
     return c

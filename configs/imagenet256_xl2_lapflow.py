@@ -21,6 +21,7 @@ Commands (docs/latent.md; the latents are imagenet256_b2_lapflow.py's, cache onc
     python -m lapflow_jax.latents --config=configs/imagenet256_xl2_lapflow.py
     python -m lapflow_jax.main --config=configs/imagenet256_xl2_lapflow.py --workdir=workdirs/imagenet256_xl2_lapflow
     python -m lapflow_jax.main --config=configs/imagenet256_xl2_lapflow.py --workdir=workdirs/imagenet256_xl2_lapflow --mode=sample
+    python -m lapflow_jax.main --config=configs/imagenet256_xl2_lapflow.py --workdir=workdirs/imagenet256_xl2_lapflow --mode=eval
 """
 
 import os

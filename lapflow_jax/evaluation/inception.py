@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lapflow_jax.evaluation import with_progress
 from lapflow_jax.evaluation.torch_weights import assign_torch_state_dict, load_torch_state_dict
 
 INPUT_SIZE = 299
@@ -388,7 +389,8 @@ def batched_features(embed, images, *, batch_size: int, feature_dim: int, name: 
         raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
     n = images.shape[0]
     out = np.zeros((n, feature_dim), np.float32)
-    for start in range(0, n, batch_size):
+    starts = range(0, n, batch_size)
+    for start in with_progress(starts, f"eval: {name}", total=len(starts), items_per_batch=batch_size):
         batch = images[start : start + batch_size].astype(np.float32)
         count = batch.shape[0]
         if count < batch_size and n > batch_size:
