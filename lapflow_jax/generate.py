@@ -148,6 +148,12 @@ def coarse_to_fine_grid(previews: Sequence[np.ndarray], max_images: int = 8) -> 
     return image_grid(np.concatenate(rows, axis=0), columns=rows[0].shape[0])
 
 
+def grid_columns(num_classes: int) -> int | None:
+    """Grid width for samples with the default labels (image i has class i mod num_classes): one
+    column per class when the classes fit on a row, else None (a square grid)."""
+    return num_classes if 0 < num_classes <= 20 else None
+
+
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     """[N, H, W, C] floats in [-1, 1] -> one uint8 [rows*H, cols*W, 3] grid (1 px gaps)."""
     images = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)

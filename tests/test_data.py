@@ -478,3 +478,30 @@ def test_fashion_mnist_reads_both_splits_padded():
     assert batch["image"].shape == (8, 32, 32, 1)
     np.testing.assert_array_equal(batch["label"], labels[:8])
     np.testing.assert_allclose(batch["image"][0, 2:30, 2:30, 0], raw / 127.5 - 1, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# scikit-learn's digits (the demo's data).
+
+
+def test_digits_splits_are_disjoint_balanced_and_reach_the_pipeline():
+    train, test = sources.DigitsSource("train"), sources.DigitsSource("test")
+    assert (len(train), len(test)) == (1497, 300)
+    record = test[0]
+    assert record["image"].shape == (8, 8, 1) and record["image"].dtype == np.uint8
+    assert max(int(test[i]["image"].max()) for i in range(len(test))) == 255  # full ink (16 in the file) is white
+    train_images = {train[i]["image"].tobytes() for i in range(len(train))}
+    test_labels = []
+    for i in range(len(test)):
+        assert test[i]["image"].tobytes() not in train_images
+        test_labels.append(test[i]["label"])
+    assert np.bincount(test_labels, minlength=10).min() >= 25  # every class held out
+    with pytest.raises(ValueError, match="data.split"):
+        sources.DigitsSource("validation")
+    cfg = _cfg(name="digits", channels=1, image_size=32, random_flip=False)
+    assert pipeline.num_classes(cfg) == 10
+    batch = next(pipeline.make_eval_iterator(cfg, batch_size=10, split="test", process_index=0, process_count=1))
+    assert batch["image"].shape == (10, 32, 32, 1)
+    assert batch["label"].tolist() == test_labels[:10]
+    assert -1.0 <= batch["image"].min() < -0.9 and batch["image"].max() > 0.9  # black ground, white ink
+

@@ -60,14 +60,15 @@ from PIL import Image
 
 from lapflow_jax.data import latents, sources
 
-NAMES = ("demo_photos", "image_folder", "tfds", "fashion_mnist", "latents")
+NAMES = ("digits", "demo_photos", "image_folder", "tfds", "fashion_mnist", "latents")
 CROPS = ("center", "random")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The data fields of an experiment config (``config.data``)."""
     c = ml_collections.ConfigDict()
-    # Which source: "demo_photos" (offline skimage photos), "image_folder" (your own
+    # Which source: "digits" (scikit-learn's bundled 8x8 digits, offline), "demo_photos"
+    # (offline skimage photos), "image_folder" (your own
     # JPEG/PNG folder, built once into array_record), "tfds" (a prepared tfds dataset,
     # e.g. celeb_a_hq/256 or imagenet2012) or "fashion_mnist" (Debian idx files).
     c.name = "demo_photos"
@@ -152,6 +153,8 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
         return len(tuple(cfg.demo_photos))
     if cfg.name == "fashion_mnist":
         return len(sources.FASHION_MNIST_CLASSES)
+    if cfg.name == "digits":
+        return 10
     if cfg.name == "image_folder":
         from lapflow_jax.data import image_folder  # pylint: disable=import-outside-toplevel
 
@@ -179,6 +182,8 @@ def make_source(cfg: ml_collections.ConfigDict, split: str):
             photos=tuple(cfg.demo_photos),
             min_crop=float(cfg.demo_min_crop),
         )
+    if cfg.name == "digits":
+        return sources.DigitsSource(split)
     if cfg.name == "fashion_mnist":
         return sources.FashionMnistSource(split, data_dir=cfg.data_dir,
                                           pad_to=int(cfg.fashion_mnist_pad_to))

@@ -11,6 +11,8 @@ worker processes (sources pickle cheaply: large arrays are loaded lazily per pro
 Sources:
   - ``DemoPhotosSource``: crops of the CC0/public-domain photos that ship inside
     scikit-image; works offline, with no download.
+  - ``DigitsSource``: the 1,797 handwritten 8x8 digits that ship inside scikit-learn
+    (``sklearn.datasets.load_digits``); works offline. The default demo data.
   - ``FashionMnistSource``: the idx files of Debian's ``dataset-fashion-mnist``.
   - ``tfds_source``: any array_record dataset prepared by tensorflow-datasets
     (``celeb_a_hq/256``, ``imagenet2012``, or an image folder built by
@@ -252,6 +254,58 @@ class DemoPhotosSource:
     def __repr__(self) -> str:
         return (f"DemoPhotosSource(num_records={self.num_records}, seed={self.seed}, "
                 f"record_size={self.record_size}, photos={len(self.photos)})")
+
+
+# ----------------------------------------------------------------------------------------
+# scikit-learn's bundled digits.
+
+# Every DIGITS_TEST_EVERY-th image (by index in load_digits) is the "test" split, the rest
+# "train": a fixed, class-balanced hold-out (1,497 / 300 images) without a second download.
+DIGITS_TEST_EVERY = 6
+
+
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [1797, 8, 8] in 0..255, labels int64 [1797]), once per process."""
+    try:
+        from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError("config data.name='digits' needs scikit-learn (`pip install scikit-learn`, "
+                          "a dependency of lapflow-jax)") from e
+    digits = load_digits()
+    # The files store 4x4-block ink counts 0..16 per pixel; 16 is full ink.
+    images = np.round(np.asarray(digits.images) * (255.0 / 16.0)).astype(np.uint8)
+    return images, np.asarray(digits.target, np.int64)
+
+
+class DigitsSource:
+    """scikit-learn's handwritten digits (the UCI optdigits test set): 10 classes, 8x8 grey.
+
+    White ink on black, like MNIST. The pipeline upsamples the 8x8 images (bicubic) to
+    ``data.image_size``; ``data.min_side_ratio`` must allow it (8 >= ratio * size).
+
+    Records: {"image": uint8 [8, 8, 1], "label": int in [0, 10)}.
+    """
+
+    def __init__(self, split: str = "train"):
+        split = split.strip()
+        if split not in ("train", "test"):
+            raise ValueError(f"digits split (config data.split) must be 'train' or 'test', got {split!r}")
+        self.split = split
+        images, _ = _load_digits()
+        is_test = np.arange(len(images)) % DIGITS_TEST_EVERY == 0
+        self._indices = np.flatnonzero(is_test if split == "test" else ~is_test)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        images, labels = _load_digits()
+        i = self._indices[int(index)]
+        return {"image": images[i][:, :, None], "label": int(labels[i])}
+
+    def __repr__(self) -> str:
+        return f"DigitsSource(split={self.split!r}, {len(self)} images)"
 
 
 # ----------------------------------------------------------------------------------------
