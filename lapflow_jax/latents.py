@@ -41,7 +41,6 @@ import functools
 import hashlib
 import json
 import os
-import time
 from typing import Any
 
 import grain
@@ -54,6 +53,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lapflow_jax import autoencoder as ae_lib
+from lapflow_jax import cli
+from lapflow_jax import metrics as metrics_lib
 from lapflow_jax.data import latents as latents_data
 from lapflow_jax.data import pipeline
 
@@ -378,15 +379,15 @@ def cache_latents(config: ml_collections.ConfigDict, *, process_index: int | Non
                 num_workers=int(src.num_workers), per_worker_buffer_size=int(src.worker_buffer_size)))
         records = iter(ds)
         size = int(src.image_size)
-        for j in todo:
-            t0 = time.perf_counter()
+        progress = metrics_lib.Progress(f"caching latents on {num_devices} device(s)", len(todo),
+                                        items_per_batch=per_shard, unit="shard")
+        for done, j in enumerate(todo, 1):
             count = min(n, (j + 1) * per_shard) - j * per_shard
             final = os.path.join(latents_dir, shards[j])
             _write_shard(final, f"{final}.tmp-{pi}-{os.getpid()}", records, count, batch, encode,
                          (size, size, int(src.channels)))
             written.append(shards[j])
-            logging.info("shard %d/%d: %d images in %.1fs (%.1f images/s, %d device(s))", j + 1, num_shards,
-                         count, time.perf_counter() - t0, count / (time.perf_counter() - t0), num_devices)
+            progress.update(done, wrote=shards[j])
     missing = latents_data.missing_shards(latents_dir, info)
     if missing:
         logging.info("%d of %d shards not written yet (other hosts' or left by --max_shards).",
@@ -460,21 +461,26 @@ def _run_cli() -> None:
     flags.DEFINE_string("convert_from", None, "Convert this diffusers AutoencoderKL folder ...")
     flags.DEFINE_string("convert_to", None, "... into this folder (our format), then exit.")
     flags.DEFINE_bool("overwrite", False, "With --convert_to: replace an existing conversion.")
+    cli.define_verbose_flag()
     FLAGS = flags.FLAGS  # noqa: N806
 
+    @cli.one_line_errors
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        cli.setup_console(FLAGS.verbose)
         if FLAGS.convert_from or FLAGS.convert_to:
             if not (FLAGS.convert_from and FLAGS.convert_to):
                 raise app.UsageError("--convert_from and --convert_to go together")
-            config = convert(FLAGS.convert_from, FLAGS.convert_to, overwrite=FLAGS.overwrite)
-            print(f"converted {FLAGS.convert_from} -> {FLAGS.convert_to} (latent channels "
+            source, target = cli.resolve_path(FLAGS.convert_from), cli.resolve_path(FLAGS.convert_to)
+            config = convert(source, target, overwrite=FLAGS.overwrite)
+            print(f"converted {source} -> {target} (latent channels "
                   f"{config.latent_channels}, factor {config.downsample_factor}, scaling_factor "
-                  f"{config.scaling_factor}); set config.latent.autoencoder={FLAGS.convert_to}")
+                  f"{config.scaling_factor}); set config.latent.autoencoder={target}")
             return
         if FLAGS.config is None:
             raise app.UsageError("--config is required (or --convert_from/--convert_to)")
+        cli.resolve_config_paths(FLAGS.config)  # once: the cache's info records absolute paths
         if FLAGS.distributed:
             jax.distributed.initialize()
         summary = cache_latents(FLAGS.config, process_index=FLAGS.process_index,
@@ -484,7 +490,7 @@ def _run_cli() -> None:
               f"{len(summary['remaining'])} left by --max_shards; {len(summary['missing'])} of "
               f"{info['num_shards']} shards missing overall -> {FLAGS.config.data.latents_dir}")
 
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

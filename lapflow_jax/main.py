@@ -5,6 +5,9 @@
     python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo --mode=eval
 
 Config fields are overridden with --config.<field>=<value>; an unknown field is an error.
+Relative and ~ paths (--workdir, config paths such as data.data_dir) are taken from the directory
+the command runs in. The console shows the run's own progress and all warnings; --verbose adds
+other libraries' INFO lines and the traceback of a bad config, path or dataset (see cli.py).
 On several processes (GPU clusters, or CPU tests) pass --coordinator_address, --num_processes
 and --process_id; on Cloud TPU jax.distributed.initialize() finds them itself.
 """
@@ -16,6 +19,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lapflow_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here (local or gs://).")
@@ -26,6 +31,7 @@ flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-proc
 flags.DEFINE_integer("process_id", None, "This process's index, for multi-process runs off TPU.")
 flags.DEFINE_bool("distributed", None, "Force jax.distributed.initialize() on (True) or off (False); "
                   "default: on when a coordinator is given or on a TPU pod.")
+cli.define_verbose_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,29 +53,35 @@ def _maybe_initialize_distributed() -> None:
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     elif FLAGS.distributed or _on_multihost_tpu():
         jax.distributed.initialize()  # Cloud TPU / SLURM: auto-detected
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
+    if jax.process_count() > 1:
+        logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+                     jax.local_device_count(), jax.device_count())
 
 
+@cli.one_line_errors
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.setup_console(FLAGS.verbose)
+    # Once, here: everything below sees absolute paths (or URLs).
+    workdir = cli.resolve_path(FLAGS.workdir)
+    cli.resolve_config_paths(FLAGS.config)
     _maybe_initialize_distributed()
     from lapflow_jax import sample as sample_lib
     from lapflow_jax import train as train_lib
 
     if FLAGS.mode == "train":
-        train_lib.train(FLAGS.config, FLAGS.workdir)
+        train_lib.train(FLAGS.config, workdir)
     elif FLAGS.mode == "eval":
         from lapflow_jax import evaluate as evaluate_lib
-        evaluate_lib.evaluate_from_checkpoint(FLAGS.config, FLAGS.workdir)
+        evaluate_lib.evaluate_from_checkpoint(FLAGS.config, workdir)
     else:
-        sample_lib.sample_from_checkpoint(FLAGS.config, FLAGS.workdir)
+        sample_lib.sample_from_checkpoint(FLAGS.config, workdir)
 
 
 def run():
     """Console-script entry point (`lapflow`)."""
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -148,14 +148,96 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+class IntervalMean:
+    """Means of per-step scalars over a logging interval, so a logged loss is not one step's draw.
+
+    The values are host floats the loop fetches anyway (one device_get per step), summed in
+    float64. Only keys starting with one of `prefixes` (the losses and the gradient norm, which
+    vary step to step) are averaged; the loop logs the others (learning rate, counters) as of
+    the last step.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...] = ("loss", "grad_norm")):
+        self.prefixes = prefixes
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def wants(self, key: str) -> bool:
+        return key.startswith(self.prefixes)
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            if self.wants(key):
+                self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        self._count += 1
+
+    def pop(self) -> dict[str, float]:
+        """The means since the last pop (empty when nothing was added), and a fresh interval."""
+        out = {key: total / self._count for key, total in self._sums.items()} if self._count else {}
+        self._sums, self._count = {}, 0
+        return out
+
+
+class Progress:
+    """Progress lines, with rate and ETA, of a loop over `total` batches (sampling, evaluation).
+
+    The ETA is training's (Throughput: the rate since the previous line). The first batch's time
+    includes compilation, so its line gives that time and no ETA; the rate counts from its end.
+    After that a line comes at most every `every_s` seconds, and always for the last batch.
+    """
+
+    def __init__(self, label: str, total: int, *, items_per_batch: int, unit: str = "batch",
+                 every_s: float = 10.0):
+        self.label, self.total, self.unit, self.every_s = label, int(total), unit, every_s
+        self._items = int(items_per_batch)
+        self._throughput = None
+        self._start = self._last_line = time.perf_counter()
+
+    def update(self, done: int, **extra) -> dict[str, float]:
+        """Notes that `done` (1..total) batches are finished; logs a line when one is due.
+
+        Returns:
+            The line's values, {} when no line was due: {"seconds_first_batch"} after the first
+            batch, else {"seconds_per_batch", "images_per_s", "eta_s"}; plus `extra`, which the
+            line shows as "| key value".
+        """
+        now = time.perf_counter()
+        if self._throughput is None:
+            values = {"seconds_first_batch": now - self._start}
+            self._throughput = Throughput(total_steps=self.total, global_batch=self._items,
+                                          flops_per_step_per_device=None)
+            self._throughput.start(done)
+        elif done >= self.total or now - self._last_line >= self.every_s:
+            rates = self._throughput.report(done)
+            values = {"seconds_per_batch": 1.0 / max(rates["steps_per_s"], 1e-9),
+                      "images_per_s": rates["images_per_s"], "eta_s": rates["eta_s"]}
+        else:
+            return {}
+        self._last_line = now
+        values.update(extra)
+        parts = [f"{self.label}: {self.unit} {done}/{self.total}"]
+        if "seconds_first_batch" in values:
+            parts.append(f"{values['seconds_first_batch']:.2f} s (with compilation)")
+        else:
+            parts += [f"{values['seconds_per_batch']:.3g} s/{self.unit}", f"{values['images_per_s']:.3g} images/s",
+                      f"ETA {format_eta(values['eta_s'])}"]
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()]
+        logging.info(" | ".join(parts))
+        return values
+
+
 def log_line(step: int, total: int, values: Mapping[str, float]) -> None:
+    """One training progress line, e.g. "step 50/2500 | loss 0.412 (scales 0.21/0.94) | grad norm
+    0.81 | lr 0.0003 | 4.51 steps/s | 289 images/s | ETA 0:09:03" (losses: interval means)."""
     parts = [f"step {step}/{total}"]
-    for key in ("loss", "grad_norm", "learning_rate", "steps_per_s", "images_per_s", "tflops_per_s_per_device"):
+    if "loss" in values:
+        scales = [f"{values[k]:.3g}" for k in sorted(values) if k.startswith("loss_scale")]
+        parts.append(f"loss {values['loss']:.4g}" + (f" (scales {'/'.join(scales)})" if len(scales) > 1 else ""))
+    for key, label, unit in (("grad_norm", "grad norm ", ""), ("learning_rate", "lr ", ""),
+                             ("steps_per_s", "", " steps/s"), ("images_per_s", "", " images/s"),
+                             ("tflops_per_s_per_device", "", " TFLOP/s/device")):
         if key in values:
-            parts.append(f"{key} {values[key]:.4g}")
+            parts.append(f"{label}{values[key]:.3g}{unit}")
     if "eta_s" in values:
         parts.append(f"ETA {format_eta(values['eta_s'])}")
-    scales = [f"{values[k]:.3g}" for k in sorted(values) if k.startswith("loss_scale")]
-    if len(scales) > 1:
-        parts.append("per-scale loss " + "/".join(scales))
     logging.info(" | ".join(parts))

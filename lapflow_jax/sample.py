@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 from lapflow_jax import checkpoint as ckpt_lib
 from lapflow_jax import flops as flops_lib
 from lapflow_jax import generate as generate_lib
+from lapflow_jax import metrics as metrics_lib
 from lapflow_jax import train as train_lib
 
 
@@ -50,12 +51,14 @@ def from_uint8(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
-def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str | epath.Path):
-    """(setup, step, params, sigmas) from the latest checkpoint in workdir (EMA weights by default)."""
+def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str | epath.Path, step: int | None = None,
+                         setup: train_lib.Setup | None = None):
+    """(setup, step, params, sigmas) from checkpoint `step` (default: the latest) in workdir (EMA weights
+    by default). A `setup` made earlier for the same config may be passed to reuse its model and mesh."""
     workdir = epath.Path(workdir)
-    setup = train_lib.make_setup(config)
+    setup = setup or train_lib.make_setup(config)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every_steps=1, keep=config.checkpoint.keep)
-    step = checkpointer.latest_step()
+    step = checkpointer.latest_step() if step is None else step
     if step is None:
         checkpointer.close()
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first (--mode=train).")
@@ -133,7 +136,8 @@ def generate_to_dir(config: ml_collections.ConfigDict, setup: train_lib.Setup, p
     logging.info("sampling %d images in %d batches of %d into %s (%d to do, method %s)", num_images, num_batches,
                  batch, out_dir, len(todo), config.sample.method)
     times = []
-    for i in todo:
+    progress = metrics_lib.Progress("sampling", len(todo), items_per_batch=batch)
+    for done, i in enumerate(todo, 1):
         start = time.perf_counter()
         out = generate_lib.generate(config, setup.graphdef, params, sigmas, image_shape=setup.image_shape,
                                     num_classes=setup.num_classes, rng=jax.random.fold_in(base, i), batch=batch,
@@ -146,8 +150,7 @@ def generate_to_dir(config: ml_collections.ConfigDict, setup: train_lib.Setup, p
             if out.previews is not None:
                 arrays["previews"] = to_uint8(np.stack(out.previews))
             _write_npz(out_dir / f"batch{i:05d}.npz", **arrays)
-        logging.info("batch %d/%d done in %.2fs (NFE per segment %s)", i + 1, num_batches, times[-1],
-                     out.nfe_per_segment)
+        progress.update(done, **{"NFE per segment": "/".join(str(int(n)) for n in out.nfe_per_segment)})
 
     # Every process reads the finished set back (process 0 wrote it; others wait at the barrier).
     if jax.process_count() > 1:

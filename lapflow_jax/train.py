@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import signal
 import time
 from typing import Any
 
@@ -217,32 +216,8 @@ def step_flops_per_device(setup: Setup, compiled, state: TrainState, batch: dict
     return float(cost["flops"]) / setup.mesh.size if cost and "flops" in cost else None
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop reads, so the run saves at the next step and exits 0."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some notebook runners): rely on Orbax only
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting.")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def param_table(setup: Setup, params) -> str:
-    """clu's parameter overview plus the parameter count of each scale's expert."""
-    table = parameter_overview.get_parameter_overview(params, include_stats=False)
+def param_counts(setup: Setup, params) -> tuple[list[int], int]:
+    """(parameters of each scale's expert, finest first; parameters shared by all scales)."""
     L = setup.config.num_scales
     per_scale = [0] * L
     shared = 0
@@ -261,6 +236,20 @@ def param_table(setup: Setup, params) -> str:
             per_scale[k] += leaf.size
         else:
             shared += leaf.size
+    return per_scale, shared
+
+
+def param_summary(setup: Setup, params) -> str:
+    """One line: the total and each scale's count, e.g. "52,328 (scale 0: 21,348, ..., shared: 9,632)"."""
+    per_scale, shared = param_counts(setup, params)
+    parts = [f"scale {k}: {n:,}" for k, n in enumerate(per_scale)] + [f"shared: {shared:,}"]
+    return f"{sum(per_scale) + shared:,} ({', '.join(parts)})"
+
+
+def param_table(setup: Setup, params) -> str:
+    """clu's parameter overview plus the parameter count of each scale's expert."""
+    table = parameter_overview.get_parameter_overview(params, include_stats=False)
+    per_scale, shared = param_counts(setup, params)
     lines = [f"scale {k}: {n:,} parameters" for k, n in enumerate(per_scale)] + [f"shared: {shared:,} parameters"]
     return table + "\n" + "\n".join(lines)
 
@@ -296,7 +285,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # Written only once the resume guard has accepted this config, so that a refused resume
         # leaves the workdir describing its checkpoints.
         (workdir / "config.json").write_text(config.to_json(indent=2))
-        logging.info("Parameters:\n%s", param_table(setup, state.params))
+        # The full table would fill the console: it goes to a file, the counts to one line.
+        (workdir / "parameters.txt").write_text(param_table(setup, state.params) + "\n")
+        logging.info("Parameters: %s; table in %s", param_summary(setup, state.params), workdir / "parameters.txt")
 
     train_step = make_train_step(setup)
     step = int(state.step)
@@ -304,22 +295,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     losses = {}
     throughput = None
     consecutive_bad = 0
-    with _Preemption() as preemption:
+    interval = metrics_lib.IntervalMean()
+    # SIGTERM on any host: every host saves the same step and exits 0.
+    with ckpt_lib.Preemption(step) as preemption:
         while step < total:
             batch = parallel.global_batch(next(data_iter), setup.mesh, config.train.global_batch_size)
             if throughput is None:
                 # Compile once, ahead of time: the same executable gives the FLOP count and runs
                 # every step (it cannot silently recompile).
+                compile_start = time.perf_counter()
                 train_step = train_step.lower(state, batch).compile()
+                logging.info("Compiled the train step in %.1fs", time.perf_counter() - compile_start)
                 throughput = metrics_lib.Throughput(total_steps=total, global_batch=config.train.global_batch_size,
                                                     flops_per_step_per_device=step_flops_per_device(
                                                         setup, train_step, state, batch))
                 throughput.start(step)
             state, metrics = train_step(state, batch)
             step += 1
-            loss = float(metrics["loss"])  # one scalar per step: exact resume is checked on these
-            losses[step] = loss
-            consecutive_bad = int(metrics["nonfinite_consecutive"])
+            # One fetch per step: the losses (exact resume is checked on these) for the interval
+            # means, and the skip counter.
+            fetched = jax.device_get({k: v for k, v in metrics.items()
+                                      if interval.wants(k) or k == "nonfinite_consecutive"})
+            losses[step] = float(fetched["loss"])
+            consecutive_bad = int(fetched["nonfinite_consecutive"])
+            if not consecutive_bad:  # a skipped step's NaN would hide the interval's other steps
+                interval.add(fetched)
             if consecutive_bad:
                 logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d total)",
                                 step, consecutive_bad, int(metrics["nonfinite_total"]))
@@ -330,14 +330,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         f"(config.train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); "
                         f"the last good checkpoint (step {checkpointer.latest_step()}) is kept in {workdir}.")
             if step % config.log.every_steps == 0 or step == total:
+                # Losses and gradient norm: means over the interval's (trained) steps; learning rate
+                # and counters: this step's. All skipped: this step's (non-finite) values.
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values.update(interval.pop())
                 values.update(throughput.report(step))
                 if primary:
                     metrics_lib.log_line(step, total, values)
                 writer.scalars(step, values)
             if config.log.sample_every_steps and step % config.log.sample_every_steps == 0 and step < total:
                 write_samples(setup, state, workdir, writer, step)
-            stop = preemption.requested or checkpointer.reached_preemption(step)
+            stop = preemption.should_stop(step)
             # A skipped step leaves params and moments untouched, so every state is safe to save;
             # still, no interval save inside a streak of skipped steps, so that keep-N rotation never
             # replaces the checkpoints from before the streak (the last good ones).
@@ -378,12 +381,13 @@ def write_samples(setup: Setup, state: TrainState, workdir: epath.Path, writer, 
     if jax.process_index() != 0:
         return None
     path = workdir / "samples" / f"samples_step{step:07d}.png"
-    grid = generate_lib.image_grid(out.images)
+    grid = generate_lib.image_grid(out.images, columns=generate_lib.grid_columns(setup.num_classes))
     generate_lib.save_png(path, grid)
     writer.image(step, "samples", grid)
     if out.previews:
-        rows = np.concatenate(out.previews, axis=0)  # one row of images per segment end
-        preview = generate_lib.image_grid(rows, columns=out.images.shape[0])
+        # One row per segment end, for the first image of each class (or the first 16).
+        preview = generate_lib.coarse_to_fine_grid(out.previews,
+                                                   max_images=generate_lib.grid_columns(setup.num_classes) or 16)
         generate_lib.save_png(workdir / "samples" / f"coarse_to_fine_step{step:07d}.png", preview)
         writer.image(step, "coarse_to_fine", preview)
     logging.info("step %d: wrote %s (NFE per segment %s, %.1fs)", step, path, out.nfe_per_segment,

@@ -237,6 +237,31 @@ def test_commands_end_to_end(world, straight, tmp_path):
     assert grid.std() > 1.0  # decoded, not blank
 
 
+@pytest.mark.slow
+def test_caching_command_with_relative_paths(world):
+    """`python -m lapflow_jax.latents` with the config's folders relative to where it runs: the cache
+    records absolute paths, so the same cache resumes from anywhere with the absolute config (a
+    relative source folder recorded as given would be refused there as another source)."""
+    (world / "rel").mkdir()
+    relative = world / "rel" / "relative.py"
+    relative.write_text(CONFIG_FILE.format(autoencoder="../ae", folder="../images", tfds_dir="../tfds_rel",
+                                           latents_dir="latents"))
+    first = subprocess.run([sys.executable, "-m", "lapflow_jax.latents", f"--config={relative.name}", "--max_shards=1"],
+                           cwd=world / "rel", capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"-> {world / 'rel' / 'latents'}" in first.stdout
+    info = latents_data.read_info(world / "rel" / "latents")
+    assert info["source"]["folder"] == str(world / "images")
+    assert info["autoencoder"]["path"] == str(world / "ae")
+    assert (world / "tfds_rel" / "lapflow_image_folder").is_dir()
+
+    absolute = write_config(world, "absolute", world / "rel" / "latents")
+    rest = subprocess.run([sys.executable, "-m", "lapflow_jax.latents", f"--config={absolute}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "wrote 3 shard(s), 1 already there" in rest.stdout
+
+
 CONFIGS = ("celebahq256", "celebahq512", "celebahq1024", "imagenet256_b2", "imagenet256_xl2")
 
 

@@ -153,3 +153,47 @@ def test_laplacian_pyramid_reconstructs_and_errors(crops):
         swd.laplacian_pyramid(np.zeros((1, 30, 32, 3)), 3)
     with pytest.raises(ValueError, match="one shape"):
         swd.swd(crops, crops[:3])
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging helpers of lapflow_jax/metrics.py: interval means and the progress / ETA lines.
+
+
+def test_interval_mean_averages_losses_and_grad_norm_then_starts_over():
+    from lapflow_jax import metrics as metrics_lib
+
+    mean = metrics_lib.IntervalMean()
+    mean.add({"loss": 1.0, "loss_scale0": 2.0, "grad_norm": 3.0, "learning_rate": 5.0})
+    mean.add({"loss": 2.0, "loss_scale0": 4.0, "grad_norm": 1.0, "learning_rate": 6.0})
+    assert mean.pop() == {"loss": 1.5, "loss_scale0": 3.0, "grad_norm": 2.0}  # not the learning rate
+    assert mean.pop() == {}
+    mean.add({"loss": 7.0})
+    assert mean.pop() == {"loss": 7.0}
+
+
+def test_progress_lines_rate_and_eta(monkeypatch, caplog):
+    """A fake clock: the first batch's line gives its time (compilation) and no ETA; then a line at
+    most every `every_s` seconds and for the last batch, with the rate since the previous line."""
+    import logging
+    import types
+
+    from lapflow_jax import metrics as metrics_lib
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_lib, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    caplog.set_level(logging.INFO)
+    progress = metrics_lib.Progress("sampling", 5, items_per_batch=4, every_s=10.0)
+    seen = {}
+    for done, now in ((1, 130.0), (2, 132.0), (3, 134.0), (4, 141.0), (5, 145.0)):
+        clock[0] = now
+        seen[done] = progress.update(done, note="x")
+    assert seen[1] == {"seconds_first_batch": 30.0, "note": "x"}
+    assert seen[2] == seen[3] == {}  # within 10 s of the previous line
+    # Batches 2-4 in 11 s: 3.67 s a batch, 1 batch left.
+    np.testing.assert_allclose([seen[4]["seconds_per_batch"], seen[4]["images_per_s"], seen[4]["eta_s"]],
+                               [11 / 3, 12 / 11, 11 / 3])
+    np.testing.assert_allclose([seen[5]["seconds_per_batch"], seen[5]["eta_s"]], [4.0, 0.0])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sampling:")]
+    assert lines == ["sampling: batch 1/5 | 30.00 s (with compilation) | note x",
+                     "sampling: batch 4/5 | 3.67 s/batch | 1.09 images/s | ETA 0:00:03 | note x",
+                     "sampling: batch 5/5 | 4 s/batch | 1 images/s | ETA 0:00:00 | note x"]

@@ -36,12 +36,14 @@ import io
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from absl import logging
 from etils import epath
 from PIL import Image, ImageFile, ImageOps
 
+from lapflow_jax import cli
 from lapflow_jax.data import sources
 
 BUILDER_NAME = "lapflow_image_folder"
@@ -303,18 +305,24 @@ def image_folder_source(folder: str | os.PathLike, *, data_dir: str = "", split:
     return sources.tfds_source(built.tfds_name, data_dir=built.data_dir, split=split)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", required=True, help="folder of JPEG/PNG images")
     parser.add_argument("--data_dir", default="", help="tfds data_dir to build into")
+    parser.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     args = parser.parse_args(argv)
-    logging.set_verbosity(logging.INFO)
-    built = build_image_folder(args.folder, args.data_dir)
+    cli.setup_console(args.verbose)
+    return cli.one_line_errors(_build, verbose=lambda: args.verbose)(args)
+
+
+def _build(args: argparse.Namespace) -> None:
+    folder, data_dir = cli.resolve_path(args.folder), cli.resolve_path(args.data_dir)
+    built = build_image_folder(folder, data_dir)
     print(f"{built.num_examples} images, {len(built.classes)} classes, "
           f"{len(built.skipped)} skipped -> {built.path}")
-    print(f"config: data.name=image_folder data.folder={args.folder} "
+    print(f"config: data.name=image_folder data.folder={folder} "
           f"data.data_dir={built.data_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
