@@ -1,5 +1,5 @@
 """Bad input data: what the pipeline converts, what it skips (counted, logged with ids), and when
-it stops with a clear error. The README's Troubleshooting section is the table these tests back.
+it stops with a clear error. docs/troubleshooting.md is the table these tests back.
 
 Decisions per case:
   - grayscale, RGBA/LA (composited onto white), CMYK, 16-bit: converted to RGB (or to gray when
