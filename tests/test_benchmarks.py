@@ -43,3 +43,54 @@ def test_accelerator_benchmark_smoke(tmp_path):
                 assert 0.8 * r["token_ratio"] < r["flops_ratio"] <= r["token_ratio"] * 1.02, (preset, name, r)
         for r in training.values():
             assert r["seconds_per_step"] > 0 and r["tflops_per_s_per_device"] > 0 and 0 < r["mfu"] < 1
+
+
+def _write_idx(path: Path, array) -> None:
+    """An uncompressed idx file (the MNIST format) holding a uint8 array."""
+    import numpy as np
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def test_quality_study_runs_tiny(tmp_path):
+    """benchmarks/quality.py's whole path (classifier, three models, curves, NFE study, tables, files)
+    on a made-up 'Fashion-MNIST' of simple class-coded shapes, in seconds."""
+    import numpy as np
+
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        labels = np.arange(n) % 10
+        images = np.zeros((n, 28, 28), np.uint8)
+        for i, c in enumerate(labels):  # class c: a bright bar in row block c, plus noise
+            images[i, 2 + 2 * c:4 + 2 * c, 4:24] = 255
+        images = np.clip(images + rng.integers(0, 30, images.shape), 0, 255).astype(np.uint8)
+        _write_idx(data / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
+    out = tmp_path / "out"
+    stdout = run_script(
+        "benchmarks/quality.py", f"--data_dir={data}", f"--out={out}", f"--workdir={tmp_path / 'work'}",
+        "--steps=4", "--eval_every=2", "--warmup=1", "--batch=6", "--width=16", "--depth=1", "--heads=2",
+        "--seeds=0,1", "--lapflow3_seeds=0", "--nfe=3", "--eval_samples=20", "--final_samples=30",
+        "--keep_samples=25", "--sample_batch=10", "--nfe_sweep=euler:3,heun:3", "--sweep_samples=10",
+        "--dopri_samples=10", "--dopri_tol=1e-2", "--classifier_steps=30")
+    assert "total wall time" in stdout and "| LapFlow 2-scale (T=0.5) | 2 |" in stdout
+    result = json.loads((out / "quality.json").read_text())
+    assert set(result["results"]) == {"baseline", "lapflow2", "lapflow3"}
+    # Equal compute: LapFlow trains more steps than the baseline (4 x 16/12 and 4 x 16/9 tokens).
+    assert [r["steps"] for r in result["results"]["lapflow2"]] == [6, 6]
+    assert result["results"]["lapflow3"][0]["steps"] == 8
+    for name, runs in result["results"].items():
+        for run in runs:
+            # Scored at every checkpoint; the final and the equal-steps points on final_samples.
+            assert [p["step"] for p in run["curve"]] == list(range(2, run["steps"] + 1, 2))
+            assert run["equal_flops"]["num_samples"] == 30 and run["equal_steps"]["step"] == 4
+            assert 0.0 <= run["equal_flops"]["accuracy"] <= 1.0 and run["equal_flops"]["fd"] >= 0.0
+        kept = np.load(out / f"quality_samples_{name}.npz")
+        assert kept["images"].shape == (25, 32, 32, 1) and kept["images"].dtype == np.uint8
+        np.testing.assert_array_equal(kept["labels"], np.arange(25) % 10)
+        assert (out / f"quality_grid_{name}.png").stat().st_size > 0
+        assert result["nfe"][name]["dopri5_nfe"] >= 6  # dopri5 makes at least one 6-call step
+    assert (out / "quality_curves.png").stat().st_size > 0

@@ -394,7 +394,7 @@ def test_readme_first_command_verbatim_then_using_it(tmp_path):
         if k == "train":  # already trained: resumes, takes no step
             assert _checkpoint_steps(target)[-1] == last_step
         elif k == "override":
-            assert _checkpoint_steps(target) == [2]
+            assert _checkpoint_steps(target)[-1] == 2  # the loop may also keep its first step
         else:
             paragraph = section(text, "## Using it").split("```")[-1]
             if k == "sample":
