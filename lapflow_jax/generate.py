@@ -148,10 +148,11 @@ def coarse_to_fine_grid(previews: Sequence[np.ndarray], max_images: int = 8) -> 
     return image_grid(np.concatenate(rows, axis=0), columns=rows[0].shape[0])
 
 
-def grid_columns(num_classes: int) -> int | None:
+def grid_columns(num_classes: int, num_images: int) -> int | None:
     """Grid width for samples with the default labels (image i has class i mod num_classes): one
-    column per class when the classes fit on a row, else None (a square grid)."""
-    return num_classes if 0 < num_classes <= 20 else None
+    column per class when the classes fit on a row (one row if there are fewer images than
+    classes), else None (a square grid)."""
+    return min(num_classes, num_images) if 0 < num_classes <= 20 else None
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:

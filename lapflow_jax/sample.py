@@ -182,7 +182,9 @@ def generate_to_dir(config: ml_collections.ConfigDict, setup: train_lib.Setup, p
         if "labels" in parts[0]:
             arrays["labels"] = np.concatenate([p["labels"] for p in parts])[:num_images]
         _write_npz(out_dir / "samples.npz", **arrays)
-        generate_lib.save_png(out_dir / "grid.png", generate_lib.image_grid(from_uint8(images[:grid_images])))
+        grid = images[:grid_images]  # image i has class i mod num_classes: one column per class
+        generate_lib.save_png(out_dir / "grid.png", generate_lib.image_grid(
+            from_uint8(grid), columns=generate_lib.grid_columns(setup.num_classes, len(grid))))
         if "previews" in parts[0]:
             generate_lib.save_png(out_dir / "coarse_to_fine.png",
                                   generate_lib.coarse_to_fine_grid(from_uint8(parts[0]["previews"])))

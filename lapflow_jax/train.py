@@ -381,13 +381,15 @@ def write_samples(setup: Setup, state: TrainState, workdir: epath.Path, writer, 
     if jax.process_index() != 0:
         return None
     path = workdir / "samples" / f"samples_step{step:07d}.png"
-    grid = generate_lib.image_grid(out.images, columns=generate_lib.grid_columns(setup.num_classes))
+    grid = generate_lib.image_grid(out.images, columns=generate_lib.grid_columns(setup.num_classes,
+                                                                                 len(out.images)))
     generate_lib.save_png(path, grid)
     writer.image(step, "samples", grid)
     if out.previews:
         # One row per segment end, for the first image of each class (or the first 16).
         preview = generate_lib.coarse_to_fine_grid(out.previews,
-                                                   max_images=generate_lib.grid_columns(setup.num_classes) or 16)
+                                                   max_images=generate_lib.grid_columns(setup.num_classes,
+                                                                                        len(out.images)) or 16)
         generate_lib.save_png(workdir / "samples" / f"coarse_to_fine_step{step:07d}.png", preview)
         writer.image(step, "coarse_to_fine", preview)
     logging.info("step %d: wrote %s (NFE per segment %s, %.1fs)", step, path, out.nfe_per_segment,
