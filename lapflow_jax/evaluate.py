@@ -50,7 +50,8 @@ from lapflow_jax import config as config_lib
 from lapflow_jax import metrics as metrics_lib
 from lapflow_jax import sample as sample_lib
 from lapflow_jax.data import pipeline, sources
-from lapflow_jax.evaluation import frechet, swd, with_progress
+from lapflow_jax.evaluation import frechet, swd
+from lapflow_jax.metrics import with_progress
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]  # images [N, H, W, C] in [-1, 1] -> features [N, D]
 FRECHET_METRICS = ("fid", "fd_efficientnet")
@@ -78,20 +79,30 @@ def load_images_npz(path: str | os.PathLike, *, field: str) -> np.ndarray:
     return images
 
 
-def dataset_images(data_config: ml_collections.ConfigDict, split: str, num: int, batch_size: int = 100) -> np.ndarray:
-    """The first `num` images of a dataset split (center crop, no flip) as float32 in [-1, 1].
+def dataset_images_and_labels(data_config: ml_collections.ConfigDict, split: str, num: int | None = None,
+                              batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num` images (default: all) of a dataset split (center crop, no flip) as float32 in
+    [-1, 1], [N, H, W, C], with their int32 labels [N].
 
     Every process reads the same images (metrics are computed redundantly on each process: they
     are cheap next to sampling and need no collectives).
     """
     source = pipeline.make_source(data_config, split)
-    num = min(int(num), len(source))
+    num = len(source) if num is None else min(int(num), len(source))
     batch_size = max(1, min(int(batch_size), num))  # no padded batch of blanks for a few images
     it = pipeline.make_eval_iterator(data_config, batch_size=batch_size, split=split, max_records=num,
                                      process_index=0, process_count=1, source=source)
-    out = [b["image"][b["mask"]] for b in with_progress(it, "eval: reading reference images", items_per_batch=batch_size,
-                                                        total=pipeline.eval_num_batches(num, batch_size))]
-    return np.concatenate(out)[:num]
+    images, labels = [], []
+    for b in with_progress(it, f"eval: reading {split} images", items_per_batch=batch_size,
+                           total=pipeline.eval_num_batches(num, batch_size)):
+        images.append(b["image"][b["mask"]])
+        labels.append(b["label"][b["mask"]])
+    return np.concatenate(images)[:num], np.concatenate(labels)[:num].astype(np.int32)
+
+
+def dataset_images(data_config: ml_collections.ConfigDict, split: str, num: int, batch_size: int = 100) -> np.ndarray:
+    """The first `num` images of a dataset split as float32 in [-1, 1] (dataset_images_and_labels)."""
+    return dataset_images_and_labels(data_config, split, num, batch_size)[0]
 
 
 def feature_fn(metric: str, eval_config: ml_collections.ConfigDict) -> FeatureFn:

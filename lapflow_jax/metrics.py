@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping, TypeVar
 
 import numpy as np
 from absl import logging
@@ -224,6 +224,25 @@ class Progress:
         parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()]
         logging.info(" | ".join(parts))
         return values
+
+
+T = TypeVar("T")
+
+
+def with_progress(batches: Iterable[T], label: str, *, total: int, items_per_batch: int,
+                  lines: int = 20) -> Iterator[T]:
+    """Yields `batches`, logging training-style progress lines with an ETA (metrics.Progress).
+
+    A line follows the first batch, every ~total/lines batches and the last one, so a
+    50,000-image pass on a fast chip does not print a thousand lines. Each line is logged after
+    the consumer has finished that batch, so its rate covers the consumer's work too.
+    """
+    progress = Progress(label, total, items_per_batch=items_per_batch)
+    every = max(1, -(-int(total) // lines))
+    for done, batch in enumerate(batches, 1):
+        yield batch
+        if done in (1, total) or done % every == 0:
+            progress.update(done)
 
 
 def log_line(step: int, total: int, values: Mapping[str, float]) -> None:

@@ -167,16 +167,9 @@ def labelled_split(data_config, split: str, num: int | None = None, batch_size: 
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [N, H, W, C], int32 labels [N]) of a labelled split, as the eval pipeline reads
     it (center crop, no flip, resized to data.image_size): the first `num` records, or all."""
-    from lapflow_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from lapflow_jax import evaluate
+    from lapflow_jax.sample import to_uint8
 
-    source = pipeline.make_source(data_config, split)
-    num = len(source) if num is None else min(int(num), len(source))
-    batch_size = max(1, min(batch_size, num))
-    it = pipeline.make_eval_iterator(data_config, batch_size=batch_size, split=split, max_records=num,
-                                     process_index=0, process_count=1, source=source)
-    images, labels = [], []
-    for batch in it:
-        images.append(batch["image"][batch["mask"]])
-        labels.append(batch["label"][batch["mask"]])
-    images = np.clip(np.round((np.concatenate(images)[:num] + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    return images, np.concatenate(labels)[:num].astype(np.int32)
+    images, labels = evaluate.dataset_images_and_labels(data_config, split, num, batch_size)
+    return to_uint8(images), labels

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lapflow_jax.evaluation import with_progress
+from lapflow_jax.metrics import with_progress
 from lapflow_jax.evaluation.torch_weights import assign_torch_state_dict, load_torch_state_dict
 
 INPUT_SIZE = 299
