@@ -7,6 +7,7 @@ sharding they were restored with.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Sequence
@@ -21,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from lapflow_jax import pyramid, sampling
+from lapflow_jax import parallel, pyramid, sampling
 from lapflow_jax.paths import MultiScalePath
 
 
@@ -50,6 +51,14 @@ def velocity_for(config, graphdef: nnx.GraphDef, num_classes: int) -> sampling.V
     if num_classes > 0 and config.sample.guidance_scale != 1.0:
         return sampling.guided_velocity_fn(graphdef, config.sample.guidance_scale, num_classes)
     return sampling.model_velocity_fn(graphdef)
+
+
+def model_context(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
+    """Where sampling traces the model: on a mesh, the activation layout training uses (and the
+    per-device splash kernel, which the compiler cannot partition by itself)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return parallel.activation_sharding(mesh, parallel.logical_rules(config.fsdp))
 
 
 @functools.partial(jax.jit, static_argnames=("shapes", "channels", "num_classes", "batch", "sharding"))
@@ -124,9 +133,10 @@ def generate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: 
             labels = jax.device_put(labels, sharding)
     else:
         labels = default_labels
-    result = sampling.sample(velocity_for(config, graphdef, num_classes), (params, labels), path, noise,
-                             method=config.sample.method, steps=config.sample.steps, rtol=config.sample.rtol,
-                             atol=config.sample.atol, previews=previews)
+    with model_context(config, mesh):
+        result = sampling.sample(velocity_for(config, graphdef, num_classes), (params, labels), path, noise,
+                                 method=config.sample.method, steps=config.sample.steps, rtol=config.sample.rtol,
+                                 atol=config.sample.atol, previews=previews)
     sigmas = tuple(float(s) for s in sigmas)
 
     def to_image(residuals):

@@ -195,20 +195,38 @@ def activation_sharding(mesh: Mesh, rules) -> Iterator[None]:
         _ACTIVE.mesh, _ACTIVE.rules = before
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical axis names; the identity outside `activation_sharding`.
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` context (None outside one)."""
+    return _ACTIVE.mesh
 
-    A dimension that does not divide by its mesh axis is left unconstrained (e.g. a sampling batch
-    of 2 on 8 devices), so the model runs on any batch.
-    """
+
+def target_platform() -> str:
+    """Platform the traced program is for: the active mesh's devices ("tpu" for a topology's
+    devices in an ahead-of-time compile on a CPU host), else JAX's default backend."""
+    mesh = _ACTIVE.mesh
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def activation_spec(shape: Sequence[int], names: Sequence[str | None]) -> P | None:
+    """PartitionSpec of an activation with these logical axis names inside `activation_sharding`
+    (None outside one). A dimension that does not divide by its mesh axis is left unsharded (e.g.
+    a sampling batch of 2 on 8 devices), so the model runs on any batch."""
     mesh = _ACTIVE.mesh
     if mesh is None:
-        return x
+        return None
     spec = list(spec_for(names, _ACTIVE.rules))
     for i, axis in enumerate(spec):
-        if axis is not None and x.shape[i] % mesh.shape[axis]:
+        if axis is not None and shape[i] % mesh.shape[axis]:
             spec[i] = None
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+    return P(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names; the identity outside `activation_sharding`."""
+    spec = activation_spec(x.shape, names)
+    if spec is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(_ACTIVE.mesh, spec))
 
 
 # --- Multi-host input ---------------------------------------------------------------------------

@@ -12,11 +12,14 @@ Lists of per-scale arrays are ordered finest first, like the rest of the package
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lapflow_jax import parallel
 
 BACKENDS = ("auto", "xla", "cudnn", "splash", "masked")
 
@@ -50,11 +53,11 @@ def _single_attention(q, k, v, backend: str) -> jax.Array:
 
 
 def resolve_backend(backend: str, dtype) -> str:
-    """"auto" picks by platform: Pallas splash attention on TPU, cuDNN flash attention on GPU
+    """"auto" picks by the platform the program is for (`parallel.target_platform`): Pallas splash attention on TPU, cuDNN flash attention on GPU
     (it needs 16-bit inputs, so float32 falls back to XLA), and the XLA prefix form elsewhere."""
     if backend != "auto":
         return backend
-    platform = jax.default_backend()
+    platform = parallel.target_platform()
     if platform == "tpu":
         return "splash"
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
@@ -126,36 +129,55 @@ def splash_attention(qs: Sequence[jax.Array], ks: Sequence[jax.Array], vs: Seque
     """Block-causal attention with the Pallas TPU splash-attention kernel.
 
     The block-causal visibility is a static block-sparse mask over the coarse-to-fine token
-    sequence, so the kernel skips every fully invisible (query block, key block) tile. Off TPU
-    the kernel runs in Pallas' interpret mode (slow; for tests). Same I/O as `prefix_attention`.
-    """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+    sequence, so the kernel skips every fully invisible (query block, key block) tile. Same I/O as
+    `prefix_attention`.
 
+    A Mosaic kernel cannot be partitioned by the compiler, so inside `parallel.activation_sharding`
+    it runs under `shard_map`: each device attends over its own rows of the batch ('data') and its
+    own heads ('model'), the layout Megatron attention already has, and no activation moves
+    between devices. Off TPU (no TPU mesh, or a CPU default backend) the kernel runs in Pallas'
+    interpret mode (slow; for tests).
+    """
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = parallel.target_platform() != "tpu"
     lengths = [q.shape[1] for q in qs]
     total = sum(lengths)
     padded = -(-total // block) * block
-    mask = np.zeros((padded, padded), bool)
-    mask[:total, :total] = block_causal_mask(lengths)
-    mask[total:, 0] = True  # padding queries need one visible key; their outputs are dropped
-    heads, head_dim = qs[0].shape[2], qs[0].shape[3]
+    head_dim = qs[0].shape[3]
 
     def to_heads_first(xs):  # coarse-first [B, N, H, D] -> padded [B, H, N_pad, D]
         x = jnp.concatenate(list(reversed(xs)), axis=1)
         x = jnp.pad(x, ((0, 0), (0, padded - total), (0, 0), (0, 0)))
         return x.transpose(0, 2, 1, 3)
 
+    # Splash does not scale the logits itself.
+    q = to_heads_first(qs) * jnp.asarray(1.0 / np.sqrt(head_dim), qs[0].dtype)
+    k, v = to_heads_first(ks), to_heads_first(vs)
+    attend = functools.partial(_splash_local, lengths=tuple(lengths), padded=padded, block=block,
+                               interpret=interpret)
+    spec = parallel.activation_spec(q.shape, ("activation_batch", "activation_heads", "activation_length", None))
+    if spec is not None:
+        attend = jax.shard_map(attend, mesh=parallel.active_mesh(), in_specs=(spec, spec, spec), out_specs=spec,
+                               check_vma=False)
+    out = attend(q, k, v)  # [B, H, N_pad, D]
+    out = out.transpose(0, 2, 1, 3)[:, :total].astype(qs[0].dtype)
+    splits = np.cumsum(list(reversed(lengths)))[:-1]
+    return list(reversed(jnp.split(out, splits, axis=1)))
+
+
+def _splash_local(q, k, v, *, lengths, padded, block, interpret):
+    """The splash kernel over the arrays one device holds: [b, h, N_pad, D] -> [b, h, N_pad, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    total = sum(lengths)
+    mask = np.zeros((padded, padded), bool)
+    mask[:total, :total] = block_causal_mask(lengths)
+    mask[total:, 0] = True  # padding queries need one visible key; their outputs are dropped
     kernel = splash.make_splash_mha(
-        splash_mask.MultiHeadMask([splash_mask.NumpyMask(mask)] * heads),
+        splash_mask.MultiHeadMask([splash_mask.NumpyMask(mask)] * q.shape[1]),
         block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                                       block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                                       block_q_dq=block, block_kv_dq=block),
         head_shards=1, q_seq_shards=1, interpret=interpret)
-    # Splash does not scale the logits itself.
-    q = to_heads_first(qs) * jnp.asarray(1.0 / np.sqrt(head_dim), qs[0].dtype)
-    out = jax.vmap(kernel)(q, to_heads_first(ks), to_heads_first(vs))  # [B, H, N_pad, D]
-    out = out.transpose(0, 2, 1, 3)[:, :total].astype(qs[0].dtype)
-    splits = np.cumsum(list(reversed(lengths)))[:-1]
-    return list(reversed(jnp.split(out, splits, axis=1)))
+    return jax.vmap(kernel)(q, k, v)
