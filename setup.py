@@ -48,6 +48,9 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
         "matplotlib>=3.8",
+        # tests/test_compile_check.py compiles for TPU topologies on the CPU: libtpu is the TPU
+        # compiler (about 100 MB; jax[tpu] pins the libtpu that matches jax).
+        "jax[tpu]>=0.10.2",
     ],
     # Independent PyTorch implementations that our ports are checked against in tests.
     # torch is pinned to the CPU build that these machines install from local disk;
@@ -63,6 +66,7 @@ EXTRAS_REQUIRE = {
     # which training does not install); gcsfs also brings google-cloud-storage, which Orbax uses
     # for gs:// (to list checkpoint steps).
     "gcs": ["gcsfs>=2024.2.0"],
+    # On a TPU VM; on any host, the TPU compiler for `python -m lapflow_jax.compile_check`.
     "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2024.2.0"],
     # launch/colab_demo.ipynb's figures.
     "notebook": ["matplotlib>=3.8"],

@@ -110,6 +110,15 @@ def _dopri5_segment(velocity_fn: VelocityFn, args, states, t0, t1, rtol, atol, *
     return final, nfe
 
 
+def segment_program(velocity_fn: VelocityFn, args, states, t0: float, t1: float, *, method: str, num_steps: int,
+                    rtol: float = 1e-3, atol: float = 1e-3) -> jax.stages.Lowered:
+    """The program `sample` runs for one segment, lowered for these (possibly abstract) inputs:
+    for ahead-of-time compile checks. Arguments as `sample`; states are the active scales'."""
+    if method == "dopri5":
+        return _dopri5_segment.lower(velocity_fn, args, states, t0, t1, rtol, atol, initial_steps=num_steps)
+    return _fixed_step_segment.lower(velocity_fn, args, states, t0, t1, method=method, num_steps=num_steps)
+
+
 @functools.partial(jax.jit, static_argnames=("velocity_fn", "path"))
 def _preview(velocity_fn: VelocityFn, args, states, t, *, path: MultiScalePath):
     t = _broadcast_time(t, states[0].shape[0], states[0].dtype)

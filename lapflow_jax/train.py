@@ -84,13 +84,19 @@ class Setup:
     schedule: optax.Schedule
 
 
-def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Setup:
-    """Validates the config, builds the mesh and the abstract model. Raises ValueError on bad config."""
+def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None, *,
+               dataset_classes: int | None = None) -> Setup:
+    """Validates the config, builds the mesh and the abstract model. Raises ValueError on bad config.
+
+    dataset_classes: the dataset's number of classes; None reads it from config.data's metadata.
+    """
     stage_sizes = config_lib.validate(config)
     mesh = mesh or parallel.make_mesh(config.mesh_shape)
     config_lib.validate_for_mesh(config, mesh.shape["data"])
     image_shape = config_lib.input_shape(config)  # the latent's shape in latent mode
-    num_classes = config_lib.validate_labels(config, pipeline.num_classes(config.data))
+    if dataset_classes is None:
+        dataset_classes = pipeline.num_classes(config.data)
+    num_classes = config_lib.validate_labels(config, dataset_classes)
     abstract_model = nnx.eval_shape(lambda: build_model(config, image_shape=image_shape, num_classes=num_classes,
                                                         rngs=nnx.Rngs(config.seed)))
     graphdef, _ = nnx.split(abstract_model)
