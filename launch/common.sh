@@ -214,6 +214,17 @@ gke_parse() {
   gke_vms_per_slice=$((tpu_chips / gke_chips_per_vm))
 }
 
+# Prints the TPU compiler's topology name of accelerator type $1 (v5litepod-8 -> v5e:2x4,
+# v5p-128 -> v5p:4x4x4, v6e-256 -> v6e:16x16), as `python -m lapflow_jax.compile_check
+# --topology` takes it; dies for a type without one.
+compile_topology() {
+  gke_parse "$1"
+  [[ -n "$gke_topology" ]] || die "accelerator type '$1' has no known topology shape; set TOPOLOGY (e.g. v5e:2x4)"
+  local family=$tpu_family
+  [[ "$family" == v5litepod ]] && family=v5e
+  printf '%s:%s\n' "$family" "$gke_topology"
+}
+
 # --- commands shared by the scripts --------------------------------------------------------
 
 # Prints the training command line for interpreter $1, config $2 and workdir $3, followed

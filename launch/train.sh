@@ -14,8 +14,12 @@
 # The TPU must exist and be set up (create_tpu.sh, setup_workers.sh) unless you want the
 # first failure to create it, which counts as one retry.
 #
-# Usage: launch/train.sh [--dry-run] [--spot | --reserved | --on-demand] [NAME=VALUE ...]
-#                        [-- EXTRA TRAINING ARGS, e.g. --config.num_steps=1000]
+# With --compile-check it first compiles the run for the slice's TPU topology on this machine
+# (python -m lapflow_jax.compile_check, with the same config overrides) and stops, before any
+# TPU is created or used, when the train step or sampling does not fit in the chips' memory.
+#
+# Usage: launch/train.sh [--dry-run] [--compile-check] [--spot | --reserved | --on-demand]
+#                        [NAME=VALUE ...] [-- EXTRA TRAINING ARGS, e.g. --config.num_steps=1000]
 #
 # Variables (environment or NAME=VALUE arguments):
 #   PROJECT            required. Google Cloud project id.
@@ -50,6 +54,11 @@
 #   PIP_EXTRAS         passed to setup_workers.sh when recreating.
 #   DRY_RUN            1 prints the commands of one attempt instead of running them
 #                      (--dry-run).
+#   COMPILE_CHECK      1 runs the compile check first (--compile-check); it needs this
+#                      checkout installed here with the TPU compiler: pip install -e '.[tpu]'.
+#   TOPOLOGY           topology for the compile check (default: from ACCELERATOR_TYPE, e.g.
+#                      v5p-128 -> v5p:4x4x4).
+#   LOCAL_PYTHON       interpreter that runs the compile check here (default python3).
 set -euo pipefail
 launch_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=common.sh
@@ -60,6 +69,7 @@ script_flag() {
     --spot) export CAPACITY=spot ;;
     --reserved) export CAPACITY=reserved ;;
     --on-demand) export CAPACITY=on-demand ;;
+    --compile-check) COMPILE_CHECK=1 ;;
     *) return 1 ;;
   esac
 }
@@ -86,6 +96,19 @@ done
 [[ "$VENV_DIR" =~ ^[A-Za-z0-9_./-]+$ ]] || die "VENV_DIR='$VENV_DIR': expected a path of letters, digits, '.', '_', '-', '/'"
 [[ -f "$(dirname "$launch_dir")/$CONFIG" ]] ||
   log "warning: $CONFIG is not in this checkout; it must exist in the code on the workers"
+
+# The compile check: the same config and overrides, compiled here for the slice's topology.
+if [[ "${COMPILE_CHECK:-0}" == 1 ]]; then
+  TOPOLOGY=${TOPOLOGY:-$(compile_topology "$ACCELERATOR_TYPE")}
+  overrides=()
+  for arg in ${extra_args[@]+"${extra_args[@]}"}; do
+    [[ "$arg" == --config.* ]] && overrides+=("$arg")
+  done
+  log "compile check of $CONFIG for $TOPOLOGY ($ACCELERATOR_TYPE) on this machine"
+  (cd "$(dirname "$launch_dir")" && run_cmd "${LOCAL_PYTHON:-python3}" -m lapflow_jax.compile_check \
+    --config="$CONFIG" --topology="$TOPOLOGY" ${overrides[@]+"${overrides[@]}"}) ||
+    die "the compile check failed (above): $CONFIG does not fit or does not compile for $TOPOLOGY; nothing was started"
+fi
 
 where=(--zone="$ZONE" --project="$PROJECT")
 [[ "$VENV_DIR" == /* ]] && python="$VENV_DIR/bin/python" || python="\$HOME/$VENV_DIR/bin/python"

@@ -260,6 +260,47 @@ def test_train_dry_run_pod_with_overrides(tmp_path):
     assert shlex.split(training)[-2:] == ["--config.num_steps=1000", "--config.note=two words"]
 
 
+def test_train_compile_check_runs_first_with_the_overrides(tmp_path):
+    log_dir = tmp_path / "logs"
+    proc = run_script(
+        "train.sh", "--dry-run", "--compile-check", "--", "--config.fsdp=True", "--config.note=two words",
+        "--verbose", env=train_env("lapflow-v5p", "v5p-128", log_dir), tmp_path=tmp_path, check=0,
+    )  # fmt: skip
+    first = lines(proc.stdout)[0]
+    assert first == ("python3 -m lapflow_jax.compile_check --config=configs/celebahq256_lapflow.py "
+                     "--topology=v5p:4x4x4 --config.fsdp=True '--config.note=two words'")
+    assert lines(proc.stdout)[1].startswith("gcloud compute tpus tpu-vm ssh lapflow-v5p")
+
+
+@pytest.mark.parametrize("accelerator, topology", [("v5litepod-8", "v5e:2x4"), ("v6e-256", "v6e:16x16"),
+                                                   ("v5p-8", "v5p:2x2x1"), ("v4-32", "v4:2x2x4")])
+def test_train_compile_check_topology_names(tmp_path, accelerator, topology):
+    proc = run_script("train.sh", "--dry-run", "--compile-check",
+                      env=train_env("t", accelerator, tmp_path / "logs"), tmp_path=tmp_path, check=0)
+    assert f"--topology={topology}" in lines(proc.stdout)[0]
+
+
+def test_train_stops_when_the_compile_check_fails(tmp_path):
+    """A check that fails (a program does not fit) stops train.sh before any gcloud call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    check = bin_dir / "fake_python"
+    check.write_text("#!/bin/bash\necho \"$@\" > \"$TMPDIR/check_args\"\n"
+                     "echo 'train step does not fit: it needs 20.00 GiB per chip' >&2\nexit 1\n")
+    check.chmod(0o755)
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text("#!/bin/bash\necho called >> \"$TMPDIR/gcloud_calls\"\n")
+    gcloud.chmod(0o755)
+    env = dict(train_env("lapflow-v5e", "v5litepod-64", tmp_path / "logs"), LOCAL_PYTHON=str(check))
+    proc = run_script("train.sh", "--compile-check", "--", "--config.train.global_batch_size=4096", env=env,
+                      tmp_path=tmp_path, path_prefix=bin_dir, check=1)
+    assert "does not fit" in proc.stderr and "nothing was started" in proc.stderr
+    assert (tmp_path / "tmp" / "check_args").read_text().split() == [
+        "-m", "lapflow_jax.compile_check", f"--config={CONFIG}", "--topology=v5e:8x8",
+        "--config.train.global_batch_size=4096"]
+    assert not (tmp_path / "tmp" / "gcloud_calls").exists()
+
+
 # --- dry runs: GKE (xpk, JobSet) ----------------------------------------------------------
 
 XPK_ENV = {
