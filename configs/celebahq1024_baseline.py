@@ -13,6 +13,14 @@ Commands (the cached latents are celebahq1024_lapflow.py's: cache once with eith
     python -m lapflow_jax.main --config=configs/celebahq1024_baseline.py --workdir=workdirs/celebahq1024_baseline
     python -m lapflow_jax.main --config=configs/celebahq1024_baseline.py --workdir=workdirs/celebahq1024_baseline --mode=sample
     python -m lapflow_jax.main --config=configs/celebahq1024_baseline.py --workdir=workdirs/celebahq1024_baseline --mode=eval
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5p-16:
+
+    python -m lapflow_jax.compile_check --config=configs/celebahq1024_baseline.py --topology=v5p:2x2x2
+
+Passes: mesh (data, model) = (8, 1), data parallel, splash attention, global batch 32. Per chip:
+train step 46.98 GiB of 95 (6.81 state + 40.14 temporaries), sampling at most 2.85 GiB; 49.97
+TFLOPs per step; compiled in 73 s here.
 """
 
 import os

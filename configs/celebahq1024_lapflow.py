@@ -25,6 +25,14 @@ prepare celeb_a_hq/1024 with tfds):
 
 The cached latents (about 16 GB in float16) are shared with celebahq1024_baseline.py. On a
 TPU pod, add --distributed to every command on every host.
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5p-16:
+
+    python -m lapflow_jax.compile_check --config=configs/celebahq1024_lapflow.py --topology=v5p:2x2x2
+
+Passes: mesh (data, model) = (8, 1), data parallel, splash attention, global batch 32. Per chip:
+train step 53.81 GiB of 95 (13.60 state + 40.14 temporaries), sampling at most 5.43 GiB; 36.22
+TFLOPs per step; compiled in 157 s here.
 """
 
 import os

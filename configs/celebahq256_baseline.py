@@ -14,6 +14,14 @@ Commands (the cached latents are celebahq256_lapflow.py's: cache once with eithe
     python -m lapflow_jax.main --config=configs/celebahq256_baseline.py --workdir=workdirs/celebahq256_baseline
     python -m lapflow_jax.main --config=configs/celebahq256_baseline.py --workdir=workdirs/celebahq256_baseline --mode=sample
     python -m lapflow_jax.main --config=configs/celebahq256_baseline.py --workdir=workdirs/celebahq256_baseline --mode=eval
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5p-8:
+
+    python -m lapflow_jax.compile_check --config=configs/celebahq256_baseline.py --topology=v5p:2x2x1
+
+Passes: mesh (data, model) = (4, 1), data parallel, splash attention, global batch 32. Per chip:
+train step 14.82 GiB of 95 (6.81 state + 7.99 temporaries), sampling at most 2.64 GiB; 3.89
+TFLOPs per step; compiled in 55 s here.
 """
 
 import os

@@ -35,6 +35,14 @@ distance of 50,000 samples against all 30,000 CelebA-HQ images: tfds's celeb_a_h
 at weights/pt_inception-2015-12-05-6726825d.pth (config.eval.inception_weights); download once:
 
     mkdir -p weights && wget -P weights https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5p-8:
+
+    python -m lapflow_jax.compile_check --config=configs/celebahq256_lapflow.py --topology=v5p:2x2x1
+
+Passes: mesh (data, model) = (4, 1), data parallel, splash attention, global batch 32. Per chip:
+train step 30.58 GiB of 95 (13.59 state + 16.94 temporaries), sampling at most 5.20 GiB; 2.92
+TFLOPs per step; compiled in 100 s here.
 """
 
 from lapflow_jax.config import base_config
@@ -51,6 +59,7 @@ def get_config():
     c.model.conditional = False
     c.model.class_dropout = 0.0
     c.model.dtype = "bfloat16"
+    c.model.scan_layers = True        # one compiled block: compiles several times faster [ours]
 
     c.latent.enabled = True
     c.latent.autoencoder = "autoencoders/eq-vae"

@@ -13,6 +13,14 @@ Commands (the cached latents are celebahq512_lapflow.py's: cache once with eithe
     python -m lapflow_jax.main --config=configs/celebahq512_baseline.py --workdir=workdirs/celebahq512_baseline
     python -m lapflow_jax.main --config=configs/celebahq512_baseline.py --workdir=workdirs/celebahq512_baseline --mode=sample
     python -m lapflow_jax.main --config=configs/celebahq512_baseline.py --workdir=workdirs/celebahq512_baseline --mode=eval
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5p-8:
+
+    python -m lapflow_jax.compile_check --config=configs/celebahq512_baseline.py --topology=v5p:2x2x1
+
+Passes: mesh (data, model) = (4, 1), data parallel, splash attention, global batch 32. Per chip:
+train step 28.66 GiB of 95 (6.81 state + 21.83 temporaries), sampling at most 2.89 GiB; 17.42
+TFLOPs per step; compiled in 66 s here.
 """
 
 import os

@@ -33,6 +33,14 @@ distance of 50,000 samples against all 30,000 CelebA-HQ images: tfds's celeb_a_h
 at weights/pt_inception-2015-12-05-6726825d.pth (config.eval.inception_weights); download once:
 
     mkdir -p weights && wget -P weights https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5p-8:
+
+    python -m lapflow_jax.compile_check --config=configs/celebahq512_lapflow.py --topology=v5p:2x2x1
+
+Passes: mesh (data, model) = (4, 1), data parallel, splash attention, global batch 32. Per chip:
+train step 39.45 GiB of 95 (13.60 state + 25.81 temporaries), sampling at most 5.46 GiB; 12.92
+TFLOPs per step; compiled in 180 s here.
 """
 
 from lapflow_jax.config import base_config
@@ -49,6 +57,7 @@ def get_config():
     c.model.conditional = False
     c.model.class_dropout = 0.0
     c.model.dtype = "bfloat16"
+    c.model.scan_layers = True        # one compiled block: compiles several times faster [ours]
 
     c.latent.enabled = True
     c.latent.autoencoder = "autoencoders/sd-vae-ft-ema"

@@ -14,6 +14,14 @@ Commands (the cached latents are imagenet256_b2_lapflow.py's: cache once with ei
     python -m lapflow_jax.main --config=configs/imagenet256_b2_baseline.py --workdir=workdirs/imagenet256_b2_baseline
     python -m lapflow_jax.main --config=configs/imagenet256_b2_baseline.py --workdir=workdirs/imagenet256_b2_baseline --mode=sample
     python -m lapflow_jax.main --config=configs/imagenet256_b2_baseline.py --workdir=workdirs/imagenet256_b2_baseline --mode=eval
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5litepod-8:
+
+    python -m lapflow_jax.compile_check --config=configs/imagenet256_b2_baseline.py --topology=v5e:2x4
+
+Passes: mesh (data, model) = (8, 1), data parallel, splash attention, global batch 256. Per
+chip: train step 9.87 GiB of 16 (1.94 state + 7.90 temporaries), sampling at most 0.66 GiB; 4.44
+TFLOPs per step; compiled in 45 s here.
 """
 
 import os

@@ -36,6 +36,14 @@ needs the InceptionV3 weights at weights/pt_inception-2015-12-05-6726825d.pth
 (config.eval.inception_weights); download once:
 
     mkdir -p weights && wget -P weights https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5litepod-8:
+
+    python -m lapflow_jax.compile_check --config=configs/imagenet256_b2_lapflow.py --topology=v5e:2x4
+
+Passes: mesh (data, model) = (8, 1), data parallel, splash attention, global batch 256. Per
+chip: train step 12.16 GiB of 16 (3.86 state + 8.25 temporaries), sampling at most 1.48 GiB;
+3.32 TFLOPs per step; compiled in 105 s here.
 """
 
 from lapflow_jax.config import base_config
@@ -52,6 +60,7 @@ def get_config():
     c.model.conditional = True
     c.model.class_dropout = 0.1       # null-class training for classifier-free guidance
     c.model.dtype = "bfloat16"
+    c.model.scan_layers = True        # one compiled block: compiles several times faster [ours]
 
     c.latent.enabled = True
     c.latent.autoencoder = "autoencoders/sd-vae-ft-ema"

@@ -14,6 +14,14 @@ Commands (the cached latents are imagenet256_xl2_lapflow.py's: cache once with e
     python -m lapflow_jax.main --config=configs/imagenet256_xl2_baseline.py --workdir=workdirs/imagenet256_xl2_baseline
     python -m lapflow_jax.main --config=configs/imagenet256_xl2_baseline.py --workdir=workdirs/imagenet256_xl2_baseline --mode=sample
     python -m lapflow_jax.main --config=configs/imagenet256_xl2_baseline.py --workdir=workdirs/imagenet256_xl2_baseline --mode=eval
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5p-128:
+
+    python -m lapflow_jax.compile_check --config=configs/imagenet256_xl2_baseline.py --topology=v5p:4x4x4 --config.fsdp=True
+
+Passes: mesh (data, model) = (64, 1), FSDP, splash attention, global batch 256. Per chip: train
+step 3.37 GiB of 95 (0.16 state + 3.17 temporaries), sampling at most 0.18 GiB; 2.85 TFLOPs per
+step; compiled in 74 s here.
 """
 
 import os

@@ -22,6 +22,14 @@ Commands (docs/latent.md; the latents are imagenet256_b2_lapflow.py's, cache onc
     python -m lapflow_jax.main --config=configs/imagenet256_xl2_lapflow.py --workdir=workdirs/imagenet256_xl2_lapflow
     python -m lapflow_jax.main --config=configs/imagenet256_xl2_lapflow.py --workdir=workdirs/imagenet256_xl2_lapflow --mode=sample
     python -m lapflow_jax.main --config=configs/imagenet256_xl2_lapflow.py --workdir=workdirs/imagenet256_xl2_lapflow --mode=eval
+
+Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5p-128:
+
+    python -m lapflow_jax.compile_check --config=configs/imagenet256_xl2_lapflow.py --topology=v5p:4x4x4 --config.fsdp=True
+
+Passes: mesh (data, model) = (64, 1), FSDP, splash attention, global batch 256. Per chip: train
+step 2.97 GiB of 95 (0.33 state + 2.59 temporaries), sampling at most 0.42 GiB; 2.14 TFLOPs per
+step; compiled in 120 s here.
 """
 
 import os

@@ -133,8 +133,8 @@ def collectives(hlo_text: str) -> list[Collective]:
 
     An async pair (all-gather-start / -done) counts once, with the -done's result shape. An op in
     a while loop counts as many times as the loop runs: its known_trip_count, or else the bound of
-    a scan's condition (`counter < N`, the one integer constant there; a loop without either
-    counts once). Every branch of a conditional counts, so data-dependent branches may count
+    a scan's condition (`counter < N` and nothing else; a loop without either, such as dopri5's
+    adaptive steps, counts once). Every branch of a conditional counts, so data-dependent branches may count
     more than run.
     """
     computations: dict[str, list[str]] = {}
@@ -165,8 +165,7 @@ def collectives(hlo_text: str) -> list[Collective]:
             called = dict(_CALLED.findall(line))
             trips = _TRIP_COUNT.search(line)
             if trips is None and "condition" in called:
-                bounds = _INT_CONSTANT.findall("\n".join(computations.get(called["condition"], [])))
-                trips = int(bounds[0]) if len(bounds) == 1 else 1
+                trips = _scan_bound(computations.get(called["condition"], []))
             else:
                 trips = int(trips.group(1)) if trips else 1
             for role, callee in called.items():
@@ -189,6 +188,15 @@ def collectives(hlo_text: str) -> list[Collective]:
             counts[kind][0] += times
             counts[kind][1] += times * shape_bytes(shape)
     return [Collective(kind, c, b) for kind, (c, b) in sorted(counts.items())]
+
+
+def _scan_bound(condition: list[str]) -> int:
+    """N of a scan's loop condition `counter < N` (nothing else in it); 1 for any other loop, such
+    as dopri5's adaptive steps, whose trip count depends on the data."""
+    opcodes = [m.group(2) for m in map(_INSTRUCTION.match, condition) if m]
+    bounds = _INT_CONSTANT.findall("\n".join(condition))
+    plain = set(opcodes) <= {"parameter", "constant", "get-tuple-element", "compare"} and opcodes.count("compare") == 1
+    return int(bounds[0]) if plain and len(bounds) == 1 and "direction=LT" in "\n".join(condition) else 1
 
 
 @dataclasses.dataclass

@@ -118,14 +118,15 @@ def test_shipped_configs_validate(name):
 def test_benchmark_configs_validate():
     """The benchmark scripts' configs (benchmarks/), guided ones included."""
     sys.path.insert(0, str(REPO))
-    from benchmarks import common, memory_table, quality  # pylint: disable=import-outside-toplevel
+    from benchmarks import common, quality, tpu_capacity  # pylint: disable=import-outside-toplevel
 
     for starts in common.SETTINGS.values():
         for method, guidance in (("euler", 1.0), ("heun", 1.5)):
             config_lib.validate(common.make_config(common.ModelSpec(), starts, method=method, guidance=guidance))
-    for preset in ("B", "XL"):
-        for scales in (1, 2):
-            config_lib.validate(memory_table.make_config(preset, scales))
+    for preset in tpu_capacity.PRESETS:
+        for scales in tpu_capacity.SCALES:
+            unit = 64 * scales
+            config_lib.validate(tpu_capacity.make_config(preset, scales, batch=tpu_capacity.first_batch(unit)))
     args = quality.parse_args([])  # its defaults, guidance included
     for scales in quality.WINDOWS:
         config_lib.validate(quality.make_config(args, scales, seed=0, steps=args.steps))
