@@ -92,8 +92,16 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
             f"config.mesh_shape={tuple(shape)} needs {int(np.prod(shape))} devices, but {len(devices)} are "
             f"available ({jax.process_count()} process(es)).")
     # jax.make_mesh lays devices out by the physical topology on TPU (plain order elsewhere).
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # An axis that is not a product of whole physical axes (a 'model' axis of 4 on a 16x16
+        # v6e slice): let it split a physical axis, which keeps its devices neighbours.
+        from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+
+        grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def param_specs(abstract_model: nnx.Module, rules) -> Any:

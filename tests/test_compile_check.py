@@ -228,3 +228,14 @@ def test_paper_config_passes_the_check_its_docstring_names(name, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     step = json.loads(report.read_text())["programs"][0]
     assert step["total"] / 2 ** 30 == pytest.approx(gib, abs=0.011), "update the docstring's figures"
+
+
+def test_mesh_axis_that_splits_a_physical_axis():
+    """A 'model' axis of 4 on a 16x16 v6e slice is no product of whole physical axes; the mesh
+    splits one (jax.make_mesh alone refuses), and every chip appears once."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the test extras (jax[tpu])")
+    from lapflow_jax import parallel
+
+    devices = compile_check.topology_devices("v6e:16x16")
+    mesh = parallel.make_mesh((64, 4), devices)
+    assert mesh.devices.shape == (64, 4) and len({d.id for d in mesh.devices.flat}) == 256
