@@ -252,7 +252,12 @@ def test_every_documented_module_benchmark_and_pytest_command_exists():
         if words[:2] == ["python", "-m"] and words[2].startswith("lapflow_jax.") and words[2] != MAIN:
             flags = _flag_names(_help(words[2]))
             used = {w.split("=", 1)[0][2:] for w in words[3:] if w.startswith("--")}
-            assert used <= flags, f"{path.name}: {command}: unknown flags {used - flags}"
+            overrides = {u.removeprefix("config.") for u in used if u.startswith("config.")}
+            assert used - {f"config.{o}" for o in overrides} <= flags, \
+                f"{path.name}: {command}: unknown flags {used - flags}"
+            configs = [w.split("=", 1)[1] for w in words if w.startswith("--config=")]
+            if overrides:  # --config.<field> must name a field of the config the command uses
+                assert configs and overrides <= _config_fields(configs[0]), f"{path.name}: {command}"
             checked += 1
         elif words[0] == "python" and words[1].startswith("benchmarks/"):
             script = REPO / words[1]
