@@ -410,15 +410,10 @@ def model_flops_per_chip(setup: train.Setup) -> float | None:
     return float(cost["flops"]) / setup.mesh.size if cost and "flops" in cost else None
 
 
-def sampling_batch(config: ml_collections.ConfigDict, data_axis: int) -> int:
-    """The batch the training loop samples with (train.write_samples): num_images padded to 'data'."""
-    return -(-config.sample.num_images // data_axis) * data_axis
-
-
 def compile_sampling(setup: train.Setup, hbm: float, *, log=print) -> list[ProgramReport]:
     """One program per segment, as `generate.generate` runs them on the training mesh."""
     config, mesh = setup.config, setup.mesh
-    batch = sampling_batch(config, mesh.shape["data"])
+    batch = train.sample_batch_size(setup)
     shardings, abstract = train.state_shardings(setup)
     params = ckpt_lib.abstract_with_shardings(abstract.ema_params, shardings.ema_params)
     data_sharding = parallel.batch_sharding(mesh)

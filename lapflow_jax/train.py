@@ -369,18 +369,22 @@ def _shard_iterator(data_config, global_batch_size: int, seed: int, shard: int, 
                                         process_index=shard, process_count=count)
 
 
+def sample_batch_size(setup: Setup) -> int:
+    """The batch `write_samples` samples: config.sample.num_images padded to a multiple of the
+    'data' axis (the extra images are trimmed)."""
+    data = setup.mesh.shape["data"]
+    return -(-setup.config.sample.num_images // data) * data
+
+
 def write_samples(setup: Setup, state: TrainState, workdir: epath.Path, writer, step: int) -> str | None:
     """Samples a grid (EMA weights by default), saves it as PNG and to TensorBoard (process 0)."""
     cfg = setup.config
     params = state.ema_params if cfg.sample.use_ema else state.params
     rng = jax.random.fold_in(jax.random.key(cfg.seed + 7), step)
     t0 = time.perf_counter()
-    # Sampled on the training mesh (params stay sharded, noise is made on the devices); the batch
-    # is padded to a multiple of the 'data' axis and trimmed back.
-    data = setup.mesh.shape["data"]
-    padded = -(-cfg.sample.num_images // data) * data
+    # Sampled on the training mesh (params stay sharded, noise is made on the devices).
     out = generate_lib.generate(cfg, setup.graphdef, params, np.asarray(state.sigmas), image_shape=setup.image_shape,
-                                num_classes=setup.num_classes, rng=rng, batch=padded,
+                                num_classes=setup.num_classes, rng=rng, batch=sample_batch_size(setup),
                                 previews=cfg.sample.previews, mesh=setup.mesh)
     out.images = out.images[:cfg.sample.num_images]
     out.previews = out.previews and [p[:cfg.sample.num_images] for p in out.previews]
