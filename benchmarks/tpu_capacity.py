@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -186,6 +187,15 @@ def load() -> dict[str, dict]:
     return {r["key"]: r for r in map(json.loads, RESULTS.read_text().splitlines())}
 
 
+def error_text(result: dict) -> str:
+    if "cannot shard these parameters evenly" in result["error"]:
+        width = 768 if result["preset"] == "B" else 1152
+        return f"FSDP cannot split the {width}-wide weights over {result['mesh'][0]} chips"
+    if "a crash" in result["error"]:
+        return "the TPU compiler crashed (SIGSEGV)"
+    return result["error"][:90]
+
+
 def table(results: dict[str, dict]) -> str:
     lines = []
     for topology, chips in TOPOLOGIES.items():
@@ -204,7 +214,7 @@ def table(results: dict[str, dict]) -> str:
             head = f"| {cell['preset']}/2 | {cell['scales']}{' (DiT)' if cell['scales'] == 1 else ''} | " \
                    f"{cell['mode']} | {cell['mesh'][0]}x{cell['mesh'][1]} |"
             if "error" in r:
-                lines.append(f"{head} - | - | - | - | cannot shard: {r['error'][:90]} | - |")
+                lines.append(f"{head} - | - | - | - | {error_text(r)} | - |")
                 continue
             p = r["at_paper_batch"]
             if p["fits"]:
@@ -212,6 +222,8 @@ def table(results: dict[str, dict]) -> str:
             else:
                 memory = f"- | - | {p['total'] / GIB:.2f} (refused)"
             largest = {None: "-", 0: "none"}.get(r.get("estimate"), f"~{r.get('estimate') or 0:,}")
+            if not r["largest_fitting"] and r.get("smallest_refused") == r["unit"]:
+                largest = "none"  # even the smallest batch that splits over 'data' is refused
             seen = [f"{p['batch']:,} {'fits' if p['fits'] else 'refused'}" for p in r["probes"][1:]]
             largest += f" ({', '.join(seen)})" if seen else ""
             lines.append(f"{head} {p['batch']} | {memory} | {largest} | {p['compile_seconds']:.0f} |")
@@ -225,19 +237,30 @@ def main():
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--only", default="", help="substring of the cells' keys to run, e.g. 'XL/2 L=2'")
+    parser.add_argument("--cell", default="", help="measure this one cell (its key) in this process")
     args = parser.parse_args()
     if args.table:
         print(table(load()))
         return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for i, cell in enumerate(cells()):
-        if i % args.workers != args.worker or key(cell) in load() or args.only not in key(cell):
-            continue
+    if args.cell:
+        cell = next(c for c in cells() if key(c) == args.cell)
         start = time.perf_counter()
-        print(f"{key(cell)}, mesh {cell['mesh']}:", flush=True)
         result = dict(measure(cell), seconds=round(time.perf_counter() - start, 1))
         with RESULTS.open("a") as f:
             f.write(json.dumps(result) + "\n")
+        return
+    for i, cell in enumerate(cells()):
+        if i % args.workers != args.worker or key(cell) in load() or args.only not in key(cell):
+            continue
+        print(f"{key(cell)}, mesh {cell['mesh']}:", flush=True)
+        # One process per cell: a compiler crash (libtpu has segfaulted on one cell here) is
+        # recorded as that cell's result instead of ending the run.
+        proc = subprocess.run([sys.executable, __file__, f"--cell={key(cell)}"])
+        if proc.returncode:
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(dict(cell, key=key(cell), error=f"the compile check exited with status "
+                                                                  f"{proc.returncode} (a crash)")) + "\n")
 
 
 if __name__ == "__main__":
