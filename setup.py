@@ -49,7 +49,7 @@ EXTRAS_REQUIRE = {
         "ipykernel>=6.29",
         "matplotlib>=3.8",
         # tests/test_compile_check.py compiles for TPU topologies on the CPU: libtpu is the TPU
-        # compiler (about 100 MB; jax[tpu] pins the libtpu that matches jax).
+        # compiler (684 MB installed; jax[tpu] pins the libtpu that matches jax).
         "jax[tpu]>=0.10.2",
     ],
     # Independent PyTorch implementations that our ports are checked against in tests.
