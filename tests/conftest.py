@@ -13,3 +13,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+# pytest's unraisable-exception hook imports tracemalloc the first time it runs. When that first
+# time falls inside tensorflow_datasets' lazy-import context (an object collected while tfds is
+# being imported), tracemalloc's own `from functools import total_ordering` gets a lazy stub and
+# the hook fails, failing whichever test was running (seen once in a full -n 2 run). Importing it
+# here, once, takes the hook's import out of that window.
+import tracemalloc  # noqa: E402,F401
