@@ -20,9 +20,8 @@ through the memory figures otherwise). The largest batch that fits is where the 
 two compiles' per-chip memory meets the HBM the compiler offers (its own figure when it refused
 a probe, e.g. 15.75 of v5e's 16 GiB; the nominal HBM otherwise): an estimate from two compiles,
 printed with what the second compile showed (that batch fits, or was refused). A compile costs
-40-120 s here, so the searches stop at two (MAX_PROBES; more narrows the bracket), and only the
-2-scale rows (the paper's setting) are searched (SEARCH_SCALES); the others are compiled at
-batch 256 only.
+40-160 s here, so the searches stop at two (MAX_PROBES; more narrows the bracket). A stored cell
+with fewer probes than MAX_PROBES and SEARCH_SCALES ask for is continued, not redone.
 Results go to benchmarks/results/tpu_capacity.jsonl, one line per cell.
 """
 
@@ -53,7 +52,7 @@ MODES = {"DP": (1, False), "FSDP": (1, True), "FSDP + TP": (4, True)}  # name: (
 WINDOWS = {1: (0.0,), 2: (0.5, 0.0), 3: (2 / 3, 1 / 3, 0.0)}
 PAPER_BATCH = 256
 MAX_PROBES = 2
-SEARCH_SCALES = (2,)  # rows whose largest batch is searched (a compile each); others: batch 256 only
+SEARCH_SCALES = (1, 2, 3)  # rows whose largest batch is searched (one more compile each)
 MAX_BATCH = 2 ** 21  # a search stops above this global batch (">= 2,097,152")
 GIB = 2.0 ** 30
 
@@ -108,15 +107,17 @@ def probe(cell, batch: int) -> dict:
     return out
 
 
-def measure(cell) -> dict:
+def measure(cell, probes: list[dict] | None = None) -> dict:
+    """The cell's probes (continuing `probes`, a stored result's, when given) and estimate."""
     result = dict(cell, key=key(cell))
     unit = cell["mesh"][0] * cell["scales"]
     batch = first_batch(unit)
     compile_check.topology_devices(cell["topology"])  # a missing TPU compiler stops here, not below
-    try:
-        probes = [probe(cell, batch)]
-    except ValueError as e:  # a mesh the model cannot be sharded on: say why, do not guess
-        return dict(result, error=str(e).splitlines()[0])
+    if not probes:
+        try:
+            probes = [probe(cell, batch)]
+        except ValueError as e:  # a mesh the model cannot be sharded on: say why, do not guess
+            return dict(result, error=str(e).splitlines()[0])
     while len(probes) < (MAX_PROBES if cell["scales"] in SEARCH_SCALES else 1):
         guess = next_batch(probes, unit)
         if guess is None:
@@ -179,6 +180,12 @@ def next_batch(probes: list[dict], unit: int) -> int | None:
     if hi is not None:
         guess = min(guess, hi - unit)
     return None if any(p["batch"] == guess for p in probes) else guess
+
+
+def unfinished(result: dict) -> bool:
+    """A stored cell whose search has fewer probes than it is due (SEARCH_SCALES grew since)."""
+    return ("error" not in result and result["scales"] in SEARCH_SCALES and len(result["probes"]) < MAX_PROBES
+            and next_batch(result["probes"], result["unit"]) is not None)
 
 
 def load() -> dict[str, dict]:
@@ -246,12 +253,14 @@ def main():
     if args.cell:
         cell = next(c for c in cells() if key(c) == args.cell)
         start = time.perf_counter()
-        result = dict(measure(cell), seconds=round(time.perf_counter() - start, 1))
+        stored = load().get(args.cell, {})
+        result = dict(measure(cell, stored.get("probes")), seconds=round(time.perf_counter() - start, 1))
         with RESULTS.open("a") as f:
             f.write(json.dumps(result) + "\n")
         return
     for i, cell in enumerate(cells()):
-        if i % args.workers != args.worker or key(cell) in load() or args.only not in key(cell):
+        stored = load().get(key(cell))
+        if i % args.workers != args.worker or args.only not in key(cell) or (stored and not unfinished(stored)):
             continue
         print(f"{key(cell)}, mesh {cell['mesh']}:", flush=True)
         # One process per cell: a compiler crash (libtpu has segfaulted on one cell here) is
