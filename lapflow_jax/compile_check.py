@@ -45,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from lapflow_jax import checkpoint as ckpt_lib  # noqa: E402
@@ -52,6 +53,7 @@ from lapflow_jax import cli, generate, parallel, pyramid, sampling, train  # noq
 from lapflow_jax import flops as flops_lib  # noqa: E402
 from lapflow_jax.data import latents as latents_data  # noqa: E402
 from lapflow_jax.data import pipeline  # noqa: E402
+from lapflow_jax.models import attention, presets  # noqa: E402
 
 GIB = 2.0 ** 30
 
@@ -67,10 +69,6 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 
 def topology_devices(topology: str) -> list[jax.Device]:
     """The devices of a TPU topology such as "v5p:4x4x4", from libtpu, without any TPU attached."""
-    try:
-        from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-    except ImportError as e:  # pragma: no cover - part of jax
-        raise RuntimeError(f"jax.experimental.topologies is unavailable: {e}") from e
     # libtpu otherwise asks a TPU VM's metadata server for these, and prints a page of warnings
     # when there is none; they do not affect an ahead-of-time compile.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -134,8 +132,8 @@ def collectives(hlo_text: str) -> list[Collective]:
     An async pair (all-gather-start / -done) counts once, with the -done's result shape. An op in
     a while loop counts as many times as the loop runs: its known_trip_count, or else the bound of
     a scan's condition (`counter < N` and nothing else; a loop without either, such as dopri5's
-    adaptive steps, counts once). Every branch of a conditional counts, so data-dependent branches may count
-    more than run.
+    adaptive steps, counts once). Every branch of a conditional counts, so data-dependent
+    branches may count more than run.
     """
     computations: dict[str, list[str]] = {}
     entry, current = None, None
@@ -372,9 +370,6 @@ def check(config: ml_collections.ConfigDict, topology: str, *, sampling_programs
 
 
 def _resolved_backend(config) -> str:
-    from lapflow_jax.models import attention  # pylint: disable=import-outside-toplevel
-    from lapflow_jax.models import presets  # pylint: disable=import-outside-toplevel
-
     return attention.resolve_backend(config.model.attention_backend, presets.DTYPES[config.model.dtype])
 
 
