@@ -53,8 +53,9 @@ def _single_attention(q, k, v, backend: str) -> jax.Array:
 
 
 def resolve_backend(backend: str, dtype) -> str:
-    """"auto" picks by the platform the program is for (`parallel.target_platform`): Pallas splash attention on TPU, cuDNN flash attention on GPU
-    (it needs 16-bit inputs, so float32 falls back to XLA), and the XLA prefix form elsewhere."""
+    """"auto" picks by the platform the program is for (`parallel.target_platform`): Pallas splash
+    attention on TPU, cuDNN flash attention on GPU (it needs 16-bit inputs, so float32 falls back
+    to XLA), and the XLA prefix form elsewhere."""
     if backend != "auto":
         return backend
     platform = parallel.target_platform()
