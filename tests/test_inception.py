@@ -6,6 +6,8 @@ pytorch-fid's FID blocks). torch-fidelity's package __init__ imports torchvision
 installed, so its module file is loaded directly under a bare package stub.
 """
 
+import functools
+import importlib
 import importlib.util
 import sys
 import types
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 
 from lapflow_jax.evaluation import inception
 
@@ -23,15 +26,16 @@ from lapflow_jax.evaluation import inception
 REL_TOL = 1e-4
 
 
+@functools.cache
 def _load_torch_fidelity_blocks():
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("torch_fidelity is not installed")
-    root = Path(list(spec.submodule_search_locations)[0])
     if "torch_fidelity" not in sys.modules:
+        spec = importlib.util.find_spec("torch_fidelity")
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("torch_fidelity is not installed")
         stub = types.ModuleType("torch_fidelity")
-        stub.__path__ = [str(root)]  # submodules import normally; __init__ never runs
+        stub.__path__ = [str(Path(list(spec.submodule_search_locations)[0]))]  # submodules import; __init__ never runs
         sys.modules["torch_fidelity"] = stub
+    root = Path(sys.modules["torch_fidelity"].__path__[0])
     name = "torch_fidelity.feature_extractor_inceptionv3"
     file_spec = importlib.util.spec_from_file_location(name, root / "feature_extractor_inceptionv3.py")
     module = importlib.util.module_from_spec(file_spec)
@@ -91,13 +95,20 @@ def _randomise(net: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def weights(tmp_path_factory):
+    """(the torch network, the path of its random weights saved as torch.save writes them)."""
     torch.manual_seed(0)
     reference = _TorchFIDInception(_load_torch_fidelity_blocks())
     _randomise(reference, seed=1)
-    # Through a real file, in the zip format torch.save writes, read back without torch.
     path = tmp_path_factory.mktemp("inception") / "random_fid_inception.pth"
     torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+@pytest.fixture(scope="module")
+def models(weights):
+    reference, path = weights
+    # Through a real file, in the zip format torch.save writes, read back without torch.
     return reference, inception.load_fid_inception(path)
 
 
@@ -157,3 +168,56 @@ def test_bad_inputs_raise(models, tmp_path):
         inception.load_fid_inception(tmp_path / "nope.pth")
     with pytest.raises(KeyError, match="Mixed_5b.extra"):
         inception.convert_state_dict({"Mixed_5b.extra.weight": np.zeros(3)}, model=ours)
+
+
+def _photos_uint8(size):
+    from PIL import Image
+    from skimage import data
+
+    return np.stack([np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+                     for img in (data.astronaut(), data.chelsea())])
+
+
+def test_adm_features_match_torch_fidelity_extractor(weights, models):
+    """ADM's three outputs with the TensorFlow preprocessing, against torch-fidelity's InceptionV3
+    feature extractor on the same random weights: its TF1-exact resize of the 0..255 image and
+    (x - 128) / 128 (as the graph), its '2048' (pool_3) and 'logits_unbiased' (softmax/logits/MatMul,
+    ADM's Inception Score input), and Mixed_6d.branch1x1 (the graph's mixed_6/conv, ADM's sFID
+    layer) read with a forward hook, its first 7 channels flattened in (h, w, c) order."""
+    module = _load_torch_fidelity_blocks()
+    _, path = weights
+    _, ours = models
+    extractor = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=str(path))
+    captured = {}
+    extractor.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.update(spatial=o))
+    pixels = _photos_uint8(64)
+    with torch.no_grad():
+        pool, logits = extractor(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())
+    spatial = captured["spatial"][:, :inception.SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(pixels), -1)
+    embed = nnx.jit(lambda model, x: inception.embed(model, x, "tensorflow"))
+    got = {k: np.asarray(v) for k, v in embed(ours, pixels).items()}
+    assert got["spatial"].shape == (2, inception.SPATIAL_DIM) == tuple(spatial.shape)
+    _assert_close(got["pool"], pool.numpy())
+    _assert_close(got["logits"], logits.numpy())
+    _assert_close(got["spatial"], spatial.numpy())
+
+
+def test_tf1_resize_matches_tensorflow_and_torch_fidelity():
+    """resize_bilinear_tf1 against TensorFlow 2.21's tf.compat.v1.image.resize_bilinear
+    (align_corners=False, half_pixel_centers=False), whose outputs for a small input are stored in
+    tests/data (made once in a separate venv: TensorFlow is no dependency), and against
+    torch-fidelity's TF1-compatible interpolation at the FID size."""
+    stored = np.load(Path(__file__).parent / "data" / "tf1_resize_bilinear.npz")
+    for key, size in (("small_up", (23, 31)), ("small_down", (5, 4))):
+        got = np.asarray(inception.resize_bilinear_tf1(stored["small_in"], *size))
+        np.testing.assert_allclose(got, stored[key], atol=1e-4, rtol=0)  # 0..255 scale
+    module = importlib.import_module("torch_fidelity.interpolate_compat_tensorflow")
+    pixels = _photos_uint8(64).astype(np.float32)
+    want = module.interpolate_bilinear_2d_like_tensorflow1x(
+        torch.from_numpy(pixels).permute(0, 3, 1, 2), size=(299, 299), align_corners=False).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(inception.resize_bilinear_tf1(pixels, 299, 299)), want.numpy(),
+                               atol=1e-4, rtol=0)
+    # pytorch-fid's resize (half-pixel centres) is another image: about a pixel level off on average.
+    torch_rule = np.asarray(inception.resize_bilinear(pixels, 299, 299))
+    assert np.abs(torch_rule - want.numpy()).mean() > 0.5

@@ -16,9 +16,10 @@ pytorch-fid and TTUR use, so their precomputed files load here too.
 
 API:
   feature_stats(features) -> (mu, sigma)
+  RunningStats(dim): .add(features [n, D]) in any order and pieces; .stats() -> (mu, sigma)
   frechet_distance(mu1, sigma1, mu2, sigma2, method="eigh", eps=1e-6) -> float
   fid_from_features(features_a, features_b) -> float
-  save_stats(path, mu, sigma); load_stats(path) -> (mu, sigma)
+  save_stats(path, mu, sigma); load_stats(path, suffix="") -> (mu, sigma); has_stats(path, suffix="")
 """
 
 from __future__ import annotations
@@ -44,6 +45,38 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(features).all():
         raise ValueError("feature_stats: features contain NaN or inf")
     return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+class RunningStats:
+    """Mean and covariance of a feature set seen in pieces: sums in float64, so the result equals
+    `feature_stats` of all rows to float64 rounding, whatever the order or the split.
+
+    Memory is D + D^2 float64 (32 MB for pool3's 2048), never the rows.
+    """
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.sum = np.zeros((dim,), np.float64)
+        self.outer = np.zeros((dim, dim), np.float64)
+
+    def add(self, features) -> None:
+        """features: [n, D] (n may be 0)."""
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[1] != self.sum.shape[0]:
+            raise ValueError(f"RunningStats: features must be [n, {self.sum.shape[0]}], got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("RunningStats: features contain NaN or inf")
+        self.count += x.shape[0]
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """mu [D] and the unbiased covariance sigma [D, D] (ddof = 1, as np.cov)."""
+        if self.count < 2:
+            raise ValueError(f"RunningStats: need at least 2 rows, got {self.count}")
+        mu = self.sum / self.count
+        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, (sigma + sigma.T) / 2.0
 
 
 def _check_stats(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -121,21 +154,33 @@ def fid_from_features(features_a, features_b, method: str = "eigh") -> float:
 
 
 def save_stats(path: str | os.PathLike, mu, sigma) -> None:
-    """Writes reference statistics as .npz with `mu` [D] and `sigma` [D, D] (float64)."""
+    """Writes reference statistics as .npz with `mu` [D] and `sigma` [D, D] (float64), atomically
+    (a temporary name beside it, then replace: a reader never sees half a file)."""
     mu, sigma = _check_stats(mu, sigma, "the statistics to save")
-    # epath: the cache may live in a gs:// workdir. An open file also keeps np.savez from
-    # appending ".npz".
-    with epath.Path(path).open("wb") as f:
+    path = epath.Path(path)  # the cache may live in a gs:// workdir
+    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
+    # An open file also keeps np.savez from appending ".npz".
+    with tmp.open("wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
+    tmp.replace(path)
 
 
-def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Reads `mu` [D] and `sigma` [D, D] from an .npz (ours, pytorch-fid's or TTUR's)."""
+def has_stats(path: str | os.PathLike, suffix: str = "") -> bool:
+    """Whether an .npz stores `mu<suffix>` and `sigma<suffix>` (ADM's reference batches: "" for
+    pool3, "_s" for the spatial features of sFID)."""
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
+        return {f"mu{suffix}", f"sigma{suffix}"} <= set(data.files)
+
+
+def load_stats(path: str | os.PathLike, suffix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Reads `mu<suffix>` [D] and `sigma<suffix>` [D, D] from an .npz (ours, pytorch-fid's, TTUR's
+    or ADM's, whose reference batches also hold `mu_s`, `sigma_s`)."""
     if not epath.Path(path).is_file():
         raise FileNotFoundError(f"load_stats: no statistics file at {os.fspath(path)!r}")
+    keys = [f"mu{suffix}", f"sigma{suffix}"]
     with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
-        missing = {"mu", "sigma"} - set(data.files)
+        missing = sorted(set(keys) - set(data.files))
         if missing:
-            raise ValueError(f"load_stats: {os.fspath(path)!r} lacks {sorted(missing)}; has {data.files}")
-        mu, sigma = data["mu"], data["sigma"]
+            raise ValueError(f"load_stats: {os.fspath(path)!r} lacks {missing}; has {data.files}")
+        mu, sigma = data[keys[0]], data[keys[1]]
     return _check_stats(mu, sigma, f"the statistics in {os.fspath(path)!r}")

@@ -1,15 +1,27 @@
-"""InceptionV3 pool3 features for FID, as computed by the standard pytorch-fid code.
+"""InceptionV3 features for FID, sFID and the Inception Score, as the standard evaluators compute them.
 
 The network is pytorch-fid's `fid_inception_v3`: torchvision's InceptionV3 with the FID patches
 (FIDInceptionA/C/E_1 average-pool without counting the zero padding, FIDInceptionE_2 max-pools in
-its pool branch, 1008 classes), ported to Flax NNX in NHWC. Features are the 2048-d global
-average pool after Mixed_7c. Inputs are resized to 299x299 with bilinear interpolation exactly
-like `F.interpolate(..., mode="bilinear", align_corners=False)` (no antialiasing) and scaled to
-[-1, 1], so that FID values match pytorch-fid's.
+its pool branch, 1008 classes), ported to Flax NNX in NHWC; its weights are the 2015-12-05
+TensorFlow graph's (classify_image_graph_def.pb, which ADM's evaluator and TTUR load), converted
+by pytorch-fid. Outputs (`embed`), as ADM's evaluator (guided-diffusion evaluations/evaluator.py)
+takes them from that graph:
 
-Weights: the FID network weights (converted by pytorch-fid from TensorFlow's 2015-12-05
-Inception graph) are not shipped with any installable package and nothing here downloads them.
-Get the file once on a machine with internet access,
+  pool     [N, 2048]  the global average pool after Mixed_7c (graph: pool_3): FID, precision/recall
+  spatial  [N, 2023]  the first 7 channels of Mixed_6d.branch1x1 (graph: mixed_6/conv, after its batch
+                      norm and ReLU), 17x17x7 flattened in (h, w, c) order: sFID
+  logits   [N, 1008]  pool @ fc weight, without the bias (graph: softmax/logits/MatMul): Inception Score
+
+Preprocessing (`preprocess`, from uint8 pixels), config.eval.inception_preprocessing:
+  "tensorflow"   the graph's own: bilinear resize to 299x299 as TensorFlow 1's ResizeBilinear
+                 (align_corners=False, no half-pixel centres: source = output index * in / out) on
+                 0..255 pixels, then (x - 128) / 128. ADM, TTUR and torch-fidelity compute FID this way.
+  "pytorch_fid"  pytorch-fid's: F.interpolate(bilinear, align_corners=False) and 2 x / 255 - 1.
+The two differ by a fraction of a pixel level after the resize (docs/evaluation.md has the
+measured numbers against TensorFlow's own resize).
+
+Weights: the FID network weights are not shipped with any installable package and nothing here
+downloads them. Get the file once on a machine with internet access,
 
     wget https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 
@@ -22,8 +34,11 @@ API:
   InceptionV3(rngs)                      the NNX module; __call__(x [N,299,299,3] in [-1,1]) -> [N,2048]
   convert_state_dict(state_dict, model=None) -> InceptionV3 filled with the torch weights
   load_fid_inception(path) -> InceptionV3
-  fid_features(model, images, batch_size=50) -> np.ndarray [N, 2048] float32
-  resize_bilinear(images, height, width, antialias=False) -> resized NHWC images
+  preprocess(pixels [N,H,W,1|3] uint8 or 0..255 floats, mode) -> [N,299,299,3] network input
+  embed(model, pixels, mode) -> {"pool", "spatial", "logits"} (jittable, one batch)
+  fid_features(model, images, batch_size=50) -> np.ndarray [N, 2048] float32 (pytorch-fid's route)
+  resize_bilinear(images, height, width, antialias=False) -> resized NHWC images (torch's rule)
+  resize_bilinear_tf1(images, height, width) -> resized NHWC images (TensorFlow 1's rule)
 """
 
 from __future__ import annotations
@@ -42,6 +57,10 @@ from lapflow_jax.evaluation.torch_weights import assign_torch_state_dict, load_t
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
+SPATIAL_CHANNELS = 7                              # ADM: spatial[..., :7] of mixed_6/conv
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS          # 2023
+NUM_LOGITS = 1008
+PREPROCESSING = ("tensorflow", "pytorch_fid")
 # FID compares against float32 reference statistics: keep TPU matmuls/convs out of bfloat16 passes.
 _PRECISION = jax.lax.Precision.HIGHEST
 
@@ -107,6 +126,64 @@ def resize_bilinear(images: jax.Array, height: int, width: int, antialias: bool 
     cols = jnp.asarray(_resize_matrix(w, width, antialias))
     out = jnp.einsum("oh,nhwc->nowc", rows, images, precision=_PRECISION)
     return jnp.einsum("pw,nowc->nopc", cols, out, precision=_PRECISION)
+
+
+@functools.lru_cache(maxsize=64)
+def _tf1_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] float32 matrix of TensorFlow 1's ResizeBilinear along one axis, with
+    align_corners=False and half_pixel_centers=False (the graph's op): source = i * (in / out) in
+    float32, lower = floor, upper = min(ceil, in - 1), weight of upper = source - lower
+    (tensorflow/core/kernels/image_resizer_state.h, resize_bilinear_op.cc)."""
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    src = np.arange(out_size, dtype=f32) * scale
+    lower = np.floor(src).astype(np.int64)
+    upper = np.minimum(np.ceil(src).astype(np.int64), in_size - 1)
+    frac = (src - lower.astype(f32)).astype(np.float64)
+    matrix = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, lower), 1.0 - frac)
+    np.add.at(matrix, (rows, upper), frac)
+    return matrix.astype(np.float32)
+
+
+def resize_bilinear_tf1(images: jax.Array, height: int, width: int) -> jax.Array:
+    """Bilinear resize of NHWC images as TensorFlow 1's tf.image.resize_bilinear (align_corners=False):
+    the resize inside the FID Inception graph. [N, H, W, C] float -> [N, height, width, C] float32.
+
+    Same weights as TensorFlow's kernel; the sum is a matrix product here and two lerps there, so
+    values agree to float32 rounding (measured in docs/evaluation.md)."""
+    images = jnp.asarray(images, jnp.float32)
+    _, h, w, _ = images.shape
+    if (h, w) == (height, width):
+        return images
+    rows = jnp.asarray(_tf1_resize_matrix(h, height))
+    cols = jnp.asarray(_tf1_resize_matrix(w, width))
+    out = jnp.einsum("oh,nhwc->nowc", rows, images, precision=_PRECISION)
+    return jnp.einsum("pw,nowc->nopc", cols, out, precision=_PRECISION)
+
+
+def preprocess(pixels: jax.Array, mode: str = "tensorflow") -> jax.Array:
+    """Pixels [N, H, W, 3 or 1] (uint8, or floats on the 0..255 scale) -> the network's input
+    [N, 299, 299, 3] float32 in about [-1, 1]; gray is repeated to RGB. `mode`: PREPROCESSING."""
+    x = jnp.asarray(pixels).astype(jnp.float32)
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    if mode == "tensorflow":
+        # The graph: ResizeBilinear of the 0..255 image, Sub 128, Mul 1/128 (exact in float32).
+        return (resize_bilinear_tf1(x, INPUT_SIZE, INPUT_SIZE) - 128.0) * (1.0 / 128.0)
+    if mode == "pytorch_fid":
+        # pytorch-fid resizes [0, 1] images and maps them to [-1, 1]; both steps are affine per
+        # pixel, so resizing the [-1, 1] image gives the same numbers.
+        return resize_bilinear(x / 127.5 - 1.0, INPUT_SIZE, INPUT_SIZE)
+    raise ValueError(f"Inception preprocessing {mode!r} is not one of {PREPROCESSING}.")
+
+
+def embed(model: "InceptionV3", pixels: jax.Array, mode: str = "tensorflow") -> dict[str, jax.Array]:
+    """One batch of pixels [N, H, W, 1|3] (uint8 or 0..255) -> {"pool" [N, 2048], "spatial" [N, 2023],
+    "logits" [N, 1008]} float32 (see the module docstring). Pure and jittable."""
+    pool, spatial = model.features(preprocess(pixels, mode))
+    return {"pool": pool, "spatial": spatial, "logits": model.unbiased_logits(pool)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,21 +377,31 @@ class InceptionV3(nnx.Module):
         self.fc = nnx.Linear(2048, 1008, precision=_PRECISION, rngs=rngs)
 
     def __call__(self, x):
+        return self.features(x)[0]
+
+    def features(self, x):
+        """x [N, 299, 299, 3] network input -> (pool [N, 2048], spatial [N, 17 * 17 * 7])."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = _max_pool(x, 3, 2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = _max_pool(x, 3, 2)
-        for block in (
-            self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-            self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
-            self.Mixed_7c,
-        ):  # fmt: skip
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
             x = block(x)
-        return jnp.mean(x, axis=(1, 2))
+        # ADM's sFID layer, mixed_6/conv: Mixed_6d's 1x1 branch (the block computes it again; XLA
+        # merges the two identical convolutions).
+        spatial = self.Mixed_6d.branch1x1(x)[..., :SPATIAL_CHANNELS]
+        for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        return jnp.mean(x, axis=(1, 2)), spatial.reshape(spatial.shape[0], -1)
 
     def logits(self, features):
-        """[N, 2048] pool3 features -> [N, 1008] class logits (as used by the Inception Score)."""
+        """[N, 2048] pool3 features -> [N, 1008] class logits (the graph's softmax/logits, with bias)."""
         return self.fc(features)
+
+    def unbiased_logits(self, features):
+        """[N, 2048] pool3 features -> pool @ W [N, 1008]: the logits ADM's and improved-GAN's
+        Inception Score take (softmax/logits/MatMul, no bias; torch-fidelity's logits_unbiased)."""
+        return jnp.dot(features, self.fc.kernel[...], precision=_PRECISION)
 
 
 def convert_state_dict(
