@@ -3,6 +3,11 @@
 Also the PNG grid writers used by training and the sample mode. On a mesh the batch is sharded
 over 'data' (noise is made on the devices, in slices); the model parameters keep whatever
 sharding they were restored with.
+
+Sample i of a run depends on (seed, i) alone: its noise is drawn from fold_in(key, i), and its
+label too (config.eval.labels="random"), whatever the batch it falls in, the batch size or the
+mesh. So a resumed or re-batched run makes the same images (to float rounding, and bitwise where
+the sampler's arithmetic per sample is the same).
 """
 
 from __future__ import annotations
@@ -61,23 +66,36 @@ def model_context(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     return parallel.activation_sharding(mesh, parallel.logical_rules(config.fsdp))
 
 
-@functools.partial(jax.jit, static_argnames=("shapes", "channels", "num_classes", "batch", "sharding"))
-def _noise_and_labels(rng, first_index, *, shapes, channels, num_classes, batch, sharding):
+LABEL_MODES = ("balanced", "random")
+
+
+@functools.partial(jax.jit, static_argnames=("shapes", "channels", "num_classes", "batch", "sharding", "labels"))
+def _noise_and_labels(rng, first_index, *, shapes, channels, num_classes, batch, sharding, labels="balanced"):
     """Per-scale noise [B, h_k, w_k, C] (finest first) and labels [B] (or None), laid out on `sharding`.
 
+    Row i is sample first_index + i: its noise comes from fold_in(rng, first_index + i) alone.
+    Labels: "balanced" gives class (first_index + i) mod num_classes (one column per class in
+    grids); "random" draws it from the sample's key (ADM and DiT draw FID labels uniformly).
     Generated inside jit with an output sharding, so on a mesh every device makes only its slice
     and every process gets the same global arrays (no host-to-device copy of the batch).
     """
-    keys = jax.random.split(rng, len(shapes))
-    noise = [jax.random.normal(keys[k], (batch, h, w, channels)) for k, (h, w) in enumerate(shapes)]
-    labels = None
+    index = first_index + jnp.arange(batch)
+    if sharding is not None:
+        index = jax.lax.with_sharding_constraint(index, sharding)
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+    noise = [jax.vmap(lambda key, k=k, h=h, w=w: jax.random.normal(jax.random.fold_in(key, k), (h, w, channels)))(keys)
+             for k, (h, w) in enumerate(shapes)]
+    out_labels = None
     if num_classes > 0:
-        # Balanced classes over the whole run: image i gets class i mod num_classes.
-        labels = ((first_index + jnp.arange(batch)) % num_classes).astype(jnp.int32)
+        if labels == "random":
+            draw = lambda key: jax.random.randint(jax.random.fold_in(key, len(shapes)), (), 0, num_classes)
+            out_labels = jax.vmap(draw)(keys).astype(jnp.int32)
+        else:
+            out_labels = (index % num_classes).astype(jnp.int32)
     if sharding is not None:
         noise = [jax.lax.with_sharding_constraint(x, sharding) for x in noise]
-        labels = None if labels is None else jax.lax.with_sharding_constraint(labels, sharding)
-    return noise, labels
+        out_labels = None if out_labels is None else jax.lax.with_sharding_constraint(out_labels, sharding)
+    return noise, out_labels
 
 
 @functools.partial(jax.jit, static_argnames=("sigmas", "up"))
@@ -93,11 +111,30 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-def generate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: Any, sigmas: Sequence[float], *,
-             image_shape: tuple[int, int, int], num_classes: int, rng: jax.Array,
-             labels: np.ndarray | None = None, batch: int, previews: bool = False,
-             mesh: jax.sharding.Mesh | None = None, first_index: int = 0) -> Generated:
-    """Samples `batch` images: noise -> multi-scale ODE -> de-normalise -> reconstruct.
+@dataclasses.dataclass
+class OnMesh:
+    """A sampled batch still on the devices (sharded over 'data' on a mesh).
+
+    x: [B, H, W, C] reconstructed samples: images in about [-1, 1], or in latent mode the
+      autoencoder latents (decode with latents.decode_latents).
+    labels: [B] int32 class ids, or None (unconditional).
+    nfe_per_segment, segments: as Generated.
+    previews: per segment end the reconstructed clean estimate [B, H, W, C] (if asked), like x.
+    """
+
+    x: jax.Array
+    labels: jax.Array | None
+    nfe_per_segment: tuple[int, ...]
+    segments: list[tuple[float, float, int]]
+    previews: list[jax.Array] | None = None
+
+
+def sample_on_mesh(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: Any, sigmas: Sequence[float],
+                   *, image_shape: tuple[int, int, int], num_classes: int, rng: jax.Array, batch: int,
+                   mesh: jax.sharding.Mesh | None = None, first_index: int = 0, label_mode: str = "balanced",
+                   labels: np.ndarray | None = None, previews: bool = False) -> OnMesh:
+    """Samples first_index .. first_index + batch - 1: noise -> multi-scale ODE -> de-normalise ->
+    reconstruct, leaving the result on the devices.
 
     Args:
       config: the experiment config (scales, windows, pyramid filters, config.sample.*).
@@ -105,14 +142,17 @@ def generate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: 
       sigmas: per-scale normalisation factors, finest first (from the checkpoint).
       image_shape: (H, W, C) of the finest scale.
       num_classes: 0 for an unconditional model.
-      rng: key of this batch: the noise depends on it alone.
-      labels: [batch] class ids; default: (first_index + i) mod num_classes, balanced classes.
-      batch: images to make.
-      previews: also reconstruct the clean-image estimate at every segment end.
+      rng: the run's key: sample i's noise (and random label) depends on it and i alone.
+      batch: samples to make.
       mesh: shard the batch over its 'data' axis (batch must divide by its size); None: leave the
         placement to JAX (one device).
-      first_index: index of this batch's first image in the run (for the default labels).
+      first_index: index of this batch's first sample in the run.
+      label_mode: "balanced" or "random" (LABEL_MODES), when `labels` is not given.
+      labels: [batch] class ids instead.
+      previews: also reconstruct the clean-image estimate at every segment end.
     """
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label mode {label_mode!r} is not one of {LABEL_MODES} (config.eval.labels).")
     path = path_from_config(config)
     height, width, channels = image_shape
     shapes = tuple(pyramid.scale_shapes(height, width, config.num_scales))
@@ -124,7 +164,8 @@ def generate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: 
                              f"data axis ({data} devices).")
         sharding = NamedSharding(mesh, P("data"))
     noise, default_labels = _noise_and_labels(rng, first_index, shapes=shapes, channels=channels,
-                                              num_classes=num_classes, batch=batch, sharding=sharding)
+                                              num_classes=num_classes, batch=batch, sharding=sharding,
+                                              labels=label_mode)
     if num_classes > 0 and labels is not None:
         labels = jnp.asarray(labels, jnp.int32)
         if labels.shape != (batch,):
@@ -139,16 +180,36 @@ def generate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: 
                                  atol=config.sample.atol, previews=previews)
     sigmas = tuple(float(s) for s in sigmas)
 
-    def to_image(residuals):
-        x = to_host(_reconstruct(list(residuals), sigmas=sigmas, up=config.pyramid.up))
+    def reconstruct(residuals):
+        x = _reconstruct(list(residuals), sigmas=sigmas, up=config.pyramid.up)
+        return x if sharding is None else jax.device_put(x, sharding)
+
+    return OnMesh(x=reconstruct(result.residuals), labels=labels, nfe_per_segment=result.nfe_per_segment,
+                  segments=result.segments,
+                  previews=[reconstruct(p) for p in result.previews] if previews else None)
+
+
+def generate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: Any, sigmas: Sequence[float], *,
+             image_shape: tuple[int, int, int], num_classes: int, rng: jax.Array,
+             labels: np.ndarray | None = None, batch: int, previews: bool = False,
+             mesh: jax.sharding.Mesh | None = None, first_index: int = 0) -> Generated:
+    """Samples `batch` images (`sample_on_mesh`, balanced labels), decoded in latent mode on the
+    devices that made them, and returns them on every process (host numpy)."""
+    out = sample_on_mesh(config, graphdef, params, sigmas, image_shape=image_shape, num_classes=num_classes,
+                         rng=rng, batch=batch, mesh=mesh, first_index=first_index, labels=labels, previews=previews)
+
+    def to_image(x):
         if config.latent.enabled:  # latent mode: the flow made autoencoder latents; decode them
             from lapflow_jax import latents as latents_lib  # pylint: disable=import-outside-toplevel
-            x = latents_lib.decode_latents(config, x)
-        return x
+            if mesh is None:
+                decode, state = latents_lib.decoder(config)
+                return to_host(jax.jit(decode)(state, x))
+            return to_host(latents_lib.decode_latents(config, x, mesh))
+        return to_host(x)
 
-    return Generated(images=to_image(result.residuals), nfe_per_segment=result.nfe_per_segment,
-                     previews=[to_image(p) for p in result.previews] if previews else None,
-                     segments=result.segments)
+    return Generated(images=to_image(out.x), nfe_per_segment=out.nfe_per_segment,
+                     previews=[to_image(p) for p in out.previews] if previews else None,
+                     segments=out.segments)
 
 
 def coarse_to_fine_grid(previews: Sequence[np.ndarray], max_images: int = 8) -> np.ndarray:

@@ -55,6 +55,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lapflow_jax import autoencoder as ae_lib
 from lapflow_jax import cli
 from lapflow_jax import metrics as metrics_lib
+from lapflow_jax import parallel
 from lapflow_jax.data import latents as latents_data
 from lapflow_jax.data import pipeline
 
@@ -124,38 +125,46 @@ def autoencoder_path(config: ml_collections.ConfigDict) -> str:
                      "(docs/latent.md)")
 
 
-@functools.lru_cache(maxsize=2)
-def _decoder(path: str, dtype: str):
-    model, _ = load_autoencoder(path, dtype)
+def _decoder_key(config: ml_collections.ConfigDict) -> tuple[str, str, int]:
+    chunk = int(config.latent.decode_batch_size)
+    if chunk <= 0:
+        raise ValueError(f"config.latent.decode_batch_size={chunk} must be positive")
+    return os.path.abspath(autoencoder_path(config)), str(config.latent.dtype), chunk
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder(path: str, dtype: str, chunk: int):
+    model, _ = load_autoencoder(path, dtype)  # once per process
     graphdef, state = nnx.split(model)
 
-    @jax.jit
     def decode(state, z):
-        return nnx.merge(graphdef, state).from_latent(z)
+        model = nnx.merge(graphdef, state)
+        return parallel.map_in_chunks(lambda x: model.from_latent(x).astype(jnp.float32), z, chunk)
 
-    return lambda z: decode(state, z)
+    return decode, state
 
 
-def decode_latents(config: ml_collections.ConfigDict, latents: np.ndarray) -> np.ndarray:
-    """Scaled latents [N, h, w, c] -> images float32 [N, h*f, w*f, 3], about in [-1, 1].
+def decoder(config: ml_collections.ConfigDict):
+    """(decode, state): decode(state, z) maps one device's scaled latents [n, h, w, c] to images
+    float32 [n, h*f, w*f, 3], about in [-1, 1], config.latent.decode_batch_size at a time; pure,
+    for jit and shard_map. `state`: the weights of the autoencoder at autoencoder_path(config)."""
+    return _decoder(*_decoder_key(config))
 
-    Decodes in batches of ``config.latent.decode_batch_size`` (the last one padded, so one
-    compile serves any N) with the autoencoder of ``autoencoder_path(config)``, loaded once per
-    process.
-    """
-    latents = np.asarray(latents, np.float32)
-    batch = int(config.latent.decode_batch_size)
-    if batch <= 0:
-        raise ValueError(f"config.latent.decode_batch_size={batch} must be positive")
-    decode = _decoder(os.path.abspath(autoencoder_path(config)), config.latent.dtype)
-    out = []
-    for start in range(0, latents.shape[0], batch):
-        chunk = latents[start:start + batch]
-        n = chunk.shape[0]
-        if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(decode(chunk))[:n])
-    return np.concatenate(out)
+
+@functools.lru_cache(maxsize=4)
+def _mesh_decoder(path: str, dtype: str, chunk: int, mesh: Mesh):
+    decode, state = _decoder(path, dtype, chunk)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    program = jax.jit(jax.shard_map(decode, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"),
+                                    check_vma=False))
+    return lambda z: program(state, z)
+
+
+def decode_latents(config: ml_collections.ConfigDict, latents: jax.Array, mesh: Mesh) -> jax.Array:
+    """Scaled latents [N, h, w, c], sharded over the mesh's 'data' axis (N divisible by it) ->
+    images float32 [N, h*f, w*f, 3], about in [-1, 1], sharded the same way: each device decodes
+    its own rows with its replica of the autoencoder."""
+    return _mesh_decoder(*_decoder_key(config), mesh)(latents)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo
     python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo --mode=sample
-    python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo --mode=eval
+    python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo --mode=eval [--step=1500]
 
 Config fields are overridden with --config.<field>=<value>; an unknown field is an error.
 Relative and ~ paths (--workdir, config paths such as data.data_dir) are taken from the directory
@@ -26,6 +26,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here (local or gs://).")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
                   "What to do: train; sample (images, grids, GFLOPs: sample.py); eval (FID etc.: evaluate.py).")
+flags.DEFINE_integer("step", None, "--mode=sample and --mode=eval: the checkpoint step to use (default: the latest).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs off TPU.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-process runs off TPU.")
 flags.DEFINE_integer("process_id", None, "This process's index, for multi-process runs off TPU.")
@@ -74,9 +75,9 @@ def main(argv):
         train_lib.train(FLAGS.config, workdir)
     elif FLAGS.mode == "eval":
         from lapflow_jax import evaluate as evaluate_lib
-        evaluate_lib.evaluate_from_checkpoint(FLAGS.config, workdir)
+        evaluate_lib.evaluate_from_checkpoint(FLAGS.config, workdir, step=FLAGS.step)
     else:
-        sample_lib.sample_from_checkpoint(FLAGS.config, workdir)
+        sample_lib.sample_from_checkpoint(FLAGS.config, workdir, step=FLAGS.step)
 
 
 def run():

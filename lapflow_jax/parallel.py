@@ -26,6 +26,7 @@ import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.linen import spmd as linen_spmd
@@ -350,3 +351,57 @@ def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
         shard = sharding.shard_shape(leaf.shape)
         total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+# --- Rows of a batch held by this process (evaluation) -------------------------------------------
+
+def host_rows(mesh: Mesh, batch: int) -> np.ndarray:
+    """The rows of a [batch, ...] array sharded over 'data' that this process's devices hold,
+    ascending (int64). Over all processes the row sets cover the batch; processes sharing a
+    'data' row (a 'model' axis that spans hosts) list it both."""
+    rows: set[int] = set()
+    for index in batch_sharding(mesh).addressable_devices_indices_map((batch,)).values():
+        rows.update(range(*index[0].indices(batch)))
+    return np.array(sorted(rows), np.int64)
+
+
+def put_host_rows(local: np.ndarray, mesh: Mesh, batch: int) -> jax.Array:
+    """The global [batch, ...] array sharded over 'data' whose rows host_rows(mesh, batch) are
+    `local` (in that order); every process passes its own rows, nothing is sent between hosts."""
+    local = np.asarray(local)
+    rows = host_rows(mesh, batch)
+    if local.shape[0] != len(rows):
+        raise ValueError(f"put_host_rows: {local.shape[0]} rows given, this process holds {len(rows)}.")
+    position = {int(r): i for i, r in enumerate(rows)}
+    shape = (batch,) + local.shape[1:]
+    sharding = batch_sharding(mesh)
+    pieces = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        start, stop, _ = index[0].indices(batch)
+        first = position[start]
+        pieces.append(jax.device_put(local[first:first + stop - start], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+
+
+def get_host_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a global array sharded over its leading axis, in host_rows order
+    (each row once, also when several local devices hold it); copies only local data."""
+    pieces = {}
+    for shard in x.addressable_shards:
+        start = shard.index[0].start or 0
+        if start not in pieces:
+            pieces[start] = shard.data
+    return np.concatenate([np.asarray(pieces[s]) for s in sorted(pieces)]) if pieces else np.zeros((0,) + x.shape[1:])
+
+
+def map_in_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk: int) -> Any:
+    """fn over x [n, ...] in chunks of `chunk` rows (the last one padded with zeros, its outputs
+    dropped), one chunk at a time (jax.lax.map): bounds a device's activation memory. fn maps
+    [chunk, ...] to arrays (or a tree) with leading axis chunk."""
+    n = x.shape[0]
+    if n <= chunk:
+        return fn(x)
+    count = -(-n // chunk)
+    padded = jnp.concatenate([x, jnp.zeros((count * chunk - n,) + x.shape[1:], x.dtype)]) if count * chunk > n else x
+    out = jax.lax.map(fn, padded.reshape((count, chunk) + x.shape[1:]))
+    return jax.tree.map(lambda y: y.reshape((count * chunk,) + y.shape[2:])[:n], out)

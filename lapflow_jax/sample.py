@@ -15,10 +15,12 @@ Writes into <workdir>/generated/step<step>/:
   summary.json      NFE per segment, GFLOPs per model call per segment and per sample (XLA cost
                     analysis, see flops.py) beside the single-scale baseline's, wall time.
 
-Batch i uses `fold_in(key, i)` and labels (i * B + j) mod num_classes, so a resumed run makes
-exactly the images an uninterrupted one would, and the classes are balanced. The batch is
-sharded over the mesh's 'data' axis (config.mesh_shape); every process runs every batch (SPMD)
-and process 0 writes the files.
+Image k is made from fold_in(key, k) alone (generate.py), with label k mod num_classes, so a
+resumed run makes exactly the images an uninterrupted one would, and the classes are balanced.
+Files are written atomically and replace what a killed or earlier run left, so the same command
+can run again. The batch is sharded over the mesh's 'data' axis (config.mesh_shape); every
+process runs every batch (SPMD) and process 0 writes the files (the eval mode, evaluate.py,
+instead keeps each host's rows on that host).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from lapflow_jax import checkpoint as ckpt_lib
 from lapflow_jax import flops as flops_lib
 from lapflow_jax import generate as generate_lib
 from lapflow_jax import metrics as metrics_lib
+from lapflow_jax import parallel
 from lapflow_jax import train as train_lib
+from lapflow_jax.evaluation import npz as npz_lib
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -51,13 +55,29 @@ def from_uint8(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
+def sampling_setup(config: ml_collections.ConfigDict) -> train_lib.Setup:
+    """train.make_setup for sampling and evaluation, on config.mesh_shape: the training batch (which
+    make_setup checks against the mesh) plays no part here, so a run trained with batch 32 samples
+    on a 64-chip slice too. setup.config is a copy with a batch that fits; sample with `config`."""
+    mesh = parallel.make_mesh(config.mesh_shape)
+    fitted = ml_collections.ConfigDict(config.to_dict())
+    fitted.train.stage_fractions = None
+    fitted.train.global_batch_size = mesh.shape["data"] * config.num_scales
+    return train_lib.make_setup(fitted, mesh)
+
+
 def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str | epath.Path, step: int | None = None,
                          setup: train_lib.Setup | None = None):
     """(setup, step, params, sigmas) from checkpoint `step` (default: the latest) in workdir (EMA weights
     by default). A `setup` made earlier for the same config may be passed to reuse its model and mesh."""
     workdir = epath.Path(workdir)
-    setup = setup or train_lib.make_setup(config)
+    setup = setup or sampling_setup(config)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every_steps=1, keep=config.checkpoint.keep)
+    steps = checkpointer.manager.all_steps()
+    if step is not None and step not in steps:
+        checkpointer.close()
+        raise FileNotFoundError(f"--step={step}: no such checkpoint in {workdir / 'checkpoints'} (there: "
+                                f"{sorted(steps) or 'none'}).")
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         checkpointer.close()
@@ -103,11 +123,9 @@ def _check_settings(config: ml_collections.ConfigDict, out_dir: epath.Path, seed
 
 
 def _write_npz(path: epath.Path, **arrays) -> None:
-    """Writes atomically (temporary name, then rename): a killed write never looks finished."""
-    tmp = path.parent / (path.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    tmp.rename(path)
+    """Writes atomically (temporary name, then replace): a killed write never looks finished, and a
+    rerun overwrites what an earlier run wrote."""
+    npz_lib.write_npz(path, **arrays)
 
 
 def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
@@ -140,7 +158,7 @@ def generate_to_dir(config: ml_collections.ConfigDict, setup: train_lib.Setup, p
     for done, i in enumerate(todo, 1):
         start = time.perf_counter()
         out = generate_lib.generate(config, setup.graphdef, params, sigmas, image_shape=setup.image_shape,
-                                    num_classes=setup.num_classes, rng=jax.random.fold_in(base, i), batch=batch,
+                                    num_classes=setup.num_classes, rng=base, batch=batch,
                                     previews=previews, mesh=setup.mesh, first_index=i * batch)
         times.append(time.perf_counter() - start)
         if primary:
@@ -193,9 +211,9 @@ def generate_to_dir(config: ml_collections.ConfigDict, setup: train_lib.Setup, p
     return summary
 
 
-def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """The sample mode: config.sample.num_images images from the latest checkpoint."""
-    setup, step, params, sigmas = restore_for_sampling(config, workdir)
+def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, Any]:
+    """The sample mode: config.sample.num_images images from checkpoint `step` (default: the latest)."""
+    setup, step, params, sigmas = restore_for_sampling(config, workdir, step)
     out_dir = epath.Path(workdir) / "generated" / f"step{step:07d}"
     summary = generate_to_dir(config, setup, params, sigmas, out_dir, num_images=config.sample.num_images,
                               previews=config.sample.previews, seed=config.seed + 11,
@@ -203,4 +221,7 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> d
     summary["step"] = step
     if jax.process_index() == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    # The others return once the files are there (a caller may read them next).
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("lapflow_sample_written")
     return summary

@@ -309,3 +309,21 @@ def test_restore_on_other_meshes(tmp_path):
         print(f"{shape}: losses after restore {moved}, uninterrupted 4x2 {losses[2:]}")
         np.testing.assert_allclose(moved, losses[2:], rtol=LOSS_RTOL)
     ckpt.close()
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2), (2, 4)])
+def test_host_rows_put_and_get_round_trip(shape):
+    """A process's rows of a batch sharded over 'data' (here all of them): put_host_rows places them
+    on their devices (rows repeated over 'model'), get_host_rows reads each row back once."""
+    mesh = parallel.make_mesh(shape)
+    batch = 2 * shape[0]
+    rows = parallel.host_rows(mesh, batch)
+    np.testing.assert_array_equal(rows, np.arange(batch))
+    local = np.arange(batch * 3, dtype=np.float32).reshape(batch, 3)
+    x = parallel.put_host_rows(local, mesh, batch)
+    assert x.sharding.spec == parallel.batch_sharding(mesh).spec and x.shape == (batch, 3)
+    for shard in x.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), local[shard.index[0]])
+    np.testing.assert_array_equal(parallel.get_host_rows(x), local)
+    with pytest.raises(ValueError, match="rows given"):
+        parallel.put_host_rows(local[:-1], mesh, batch)
