@@ -29,10 +29,13 @@ The cached latents (1.28M images x 2 flips x mean and std in float16: about 42 G
 by all four imagenet256_* configs. On a TPU pod, add --distributed to every command on every
 host (caching splits the shards over the hosts).
 
---mode=eval computes FID (config.eval.metrics; the paper's metric) and the EfficientNet Fréchet
-distance of 50,000 samples against 50,000 ImageNet training images (as ADM's reference batch;
---config.eval.fid_stats=VIRTUAL_imagenet256_labeled.npz uses ADM's statistics instead). FID
-needs the InceptionV3 weights at weights/pt_inception-2015-12-05-6726825d.pth
+--mode=eval computes FID (the paper's metric), sFID, Inception Score and precision/recall as ADM's
+evaluator does (config.eval.metrics; docs/evaluation.md) of 50,000 samples with uniformly random
+labels, against 50,000 ImageNet training images; the papers' numbers are against ADM's reference
+batch instead: add --config.eval.reference_npz=VIRTUAL_imagenet256_labeled.npz (its stored
+training-set statistics for FID and sFID, its 10,000 images for precision/recall). The samples
+are also written in ADM's layout (eval/step<step>/samples_50000x256x256x3.npz). The metrics need
+the InceptionV3 weights at weights/pt_inception-2015-12-05-6726825d.pth
 (config.eval.inception_weights); download once:
 
     mkdir -p weights && wget -P weights https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
@@ -96,8 +99,9 @@ def get_config():
     c.checkpoint.every_steps = 10_000
     c.log.every_steps = 100
     c.log.sample_every_steps = 50_000
-    # --mode=eval: FID against 50,000 training images, as ADM's reference statistics.
+    # --mode=eval: ADM's metrics against 50,000 training images (or ADM's reference batch,
+    # config.eval.reference_npz).
     c.eval.reference_split = "train"
-    c.eval.metrics = ("fid", "fd_efficientnet")
+    c.eval.metrics = ("fid", "sfid", "inception_score", "precision_recall")
     c.eval.inception_weights = "weights/pt_inception-2015-12-05-6726825d.pth"
     return c

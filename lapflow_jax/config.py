@@ -16,13 +16,14 @@ import ml_collections
 
 from lapflow_jax import paths
 from lapflow_jax.data import pipeline
+from lapflow_jax.evaluation import networks
 from lapflow_jax.models import attention, presets
 from lapflow_jax.models.mot import REMAT_POLICIES
 from lapflow_jax.pyramid import DOWN_FILTERS, UP_FILTERS
 from lapflow_jax.sampling import METHODS
 
-# Metrics of the eval mode (lapflow_jax/evaluate.py).
-EVAL_METRICS = ("fid", "fd_efficientnet", "swd")
+# Metrics of the eval mode (lapflow_jax/evaluate.py; evaluation/networks.py says what each reads).
+EVAL_METRICS = networks.METRICS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -97,18 +98,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.grid_images = 64         # sample mode: images in grid.png (the .npz has all of them).
     c.sample.gflops = True            # sample mode: GFLOPs per sample (XLA cost analysis) + baseline.
 
-    # Eval mode (--mode=eval): samples from the latest checkpoint against held-out data.
+    # Eval mode (--mode=eval, docs/evaluation.md): samples of a checkpoint against a reference.
     c.eval = ml_collections.ConfigDict()
-    # "fid" (needs inception_weights), "fd_efficientnet" (packaged weights) and "swd".
+    # "fid", "sfid", "inception_score", "precision_recall" (InceptionV3: need inception_weights),
+    # "fd_efficientnet" (packaged weights) and "swd".
     c.eval.metrics = ("fd_efficientnet", "swd")
     c.eval.num_samples = 50000
+    c.eval.labels = "random"          # class-conditional: "random" (ADM, DiT) or "balanced" (i mod classes).
     c.eval.reference_split = "test"   # dataset split giving the reference images.
     c.eval.num_reference = 0          # 0: as many as num_samples (or the whole split, if smaller).
-    c.eval.reference_npz = ""         # .npz with `images` [N, H, W, C]: replaces the dataset split.
-    c.eval.fid_stats = ""             # .npz with `mu`, `sigma` (pytorch-fid/TTUR layout) for FID.
+    # .npz with `arr_0` (ADM's reference batches) or `images` [N, H, W, C]: replaces the dataset
+    # split; its stored `mu`, `sigma` (and `mu_s`, `sigma_s`) give FID's (and sFID's) statistics.
+    c.eval.reference_npz = ""
+    c.eval.fid_stats = ""             # .npz with `mu`, `sigma` (pytorch-fid/TTUR/ADM layout) for FID.
     c.eval.inception_weights = ""     # local pt_inception-2015-12-05-6726825d.pth.
-    c.eval.feature_batch_size = 50
-    c.eval.samples_npz = ""           # evaluate these `images` instead of sampling a checkpoint.
+    c.eval.inception_preprocessing = "tensorflow"  # "tensorflow" (ADM, TTUR) or "pytorch_fid".
+    c.eval.feature_batch_size = 50    # global batch of the reference pass (rounded up to the data axis).
+    c.eval.swd_num_images = 10000     # swd compares at most this many samples and reference images.
+    c.eval.part_rows = 0              # rows per part file (the unit of resume) over all hosts; 0: ~64 MB.
+    c.eval.samples_npz = ""           # evaluate these `arr_0`/`images` instead of sampling a checkpoint.
+    # During training: every `every_steps` steps (0: never), `train_metrics` of `train_num_samples`
+    # samples of the EMA weights, logged to TensorBoard as eval/<metric> (cost: docs/evaluation.md).
+    c.eval.every_steps = 0
+    c.eval.train_metrics = ("fd_efficientnet",)
+    c.eval.train_num_samples = 1000
 
     # Latent mode (docs/latent.md): the flow runs on autoencoder latents cached once by
     # `python -m lapflow_jax.latents --config=...` into data.latents_dir (data.name = "latents");
@@ -208,9 +221,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"config.sample.guidance_scale={c.sample.guidance_scale} needs a trained null class, but "
             f"config.model.class_dropout={c.model.class_dropout}: train with class_dropout > 0 (e.g. 0.1) "
             "or sample with guidance_scale=1.0.")
-    unknown = [m for m in c.eval.metrics if m not in EVAL_METRICS]
-    if unknown or not c.eval.metrics:
-        raise ValueError(f"config.eval.metrics={tuple(c.eval.metrics)}: each must be one of {EVAL_METRICS}.")
+    for field in ("metrics", "train_metrics"):
+        metrics = tuple(c.eval[field])
+        if not metrics or any(m not in EVAL_METRICS for m in metrics):
+            raise ValueError(f"config.eval.{field}={metrics}: each must be one of {EVAL_METRICS}.")
+    if c.eval.labels not in ("random", "balanced"):
+        raise ValueError(f"config.eval.labels={c.eval.labels!r} is not one of ('random', 'balanced').")
+    if c.eval.inception_preprocessing not in ("tensorflow", "pytorch_fid"):
+        raise ValueError(f"config.eval.inception_preprocessing={c.eval.inception_preprocessing!r} is not one of "
+                         "('tensorflow', 'pytorch_fid').")
     if c.train.schedule not in ("constant", "cosine"):
         raise ValueError(f"config.train.schedule={c.train.schedule!r} is not one of ('constant', 'cosine').")
     _validate_latent(c)
@@ -243,7 +262,9 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
     at_least = {"train.num_steps": 1, "train.global_batch_size": 1, "train.warmup_steps": 0,
                 "train.max_consecutive_nonfinite": 1, "checkpoint.every_steps": 1, "checkpoint.keep": 1,
                 "log.every_steps": 1, "log.sample_every_steps": 0, "sample.steps": 1, "sample.num_images": 1,
-                "sample.batch_size": 1}
+                "sample.batch_size": 1, "eval.num_samples": 2, "eval.num_reference": 0,
+                "eval.feature_batch_size": 1, "eval.swd_num_images": 2, "eval.part_rows": 0, "eval.every_steps": 0,
+                "eval.train_num_samples": 2}
     for field, low in at_least.items():
         value = c[field.split(".")[0]][field.split(".")[1]]
         if value < low:

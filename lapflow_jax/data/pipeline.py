@@ -534,6 +534,68 @@ def make_eval_iterator(
     return _finish(ds, cfg, monitor)
 
 
+class _Subset:
+    """Records at the given indices of a preprocessed MapDataset (random access, in that order)."""
+
+    def __init__(self, records: grain.MapDataset, indices: np.ndarray):
+        self.records = records
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        return self.records[int(self.indices[int(j)])]
+
+
+def read_records(cfg: ml_collections.ConfigDict, split: str, indices: Sequence[int], *,
+                 source: Any = None) -> dict[str, np.ndarray]:
+    """Records `indices` of ``split`` as the eval pass reads them (center crop, no flip), decoded
+    by cfg.read_threads threads: {"image": uint8 [n, H, W, C], "label": int32 [n]}.
+
+    Bad records are replaced and counted as in training (``data.max_skipped_fraction`` of the
+    records of this call). The eval mode reads its reference this way: each host only the rows
+    its devices evaluate.
+    """
+    _check_config(cfg)
+    if cfg.name == "latents":
+        raise ValueError("config.data.name='latents' has no images: held-out images come from the pixel "
+                         "dataset config.latent.source")
+    indices = np.asarray(indices, np.int64)
+    source = make_source(cfg, split) if source is None else source
+    if len(indices) == 0:
+        return {"image": np.zeros((0, *image_shape(cfg)), np.uint8), "label": np.zeros((0,), np.int32)}
+    if indices.min() < 0 or indices.max() >= len(source):
+        raise ValueError(f"record indices must lie in [0, {len(source)}) for split {split!r}")
+    preprocess = Preprocess(
+        num_records=len(source), image_size=cfg.image_size, channels=cfg.channels, crop="center",
+        random_flip=False, use_labels=cfg.use_labels, seed=0, source=source,
+        min_side_ratio=cfg.get("min_side_ratio", 0.0))
+    records = grain.MapDataset.source(source).map_with_index(preprocess)
+    ds = grain.MapDataset.source(_Subset(records, indices)).batch(len(indices))
+    monitor = SkipMonitor(preprocess, len(indices), cfg.get("max_skipped_fraction", 0.0))
+    threads = max(1, int(cfg.read_threads))
+    batch = next(iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))))
+    batch = monitor.map(batch)
+    return {"image": batch["image"], "label": batch["label"].astype(np.int32)}
+
+
+def read_split(cfg: ml_collections.ConfigDict, split: str, num: int | None = None,
+               batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num` images (default: all) of a split (center crop, no flip) as float32 in
+    [-1, 1], [N, H, W, C], with their int32 labels [N] (one process reads them all)."""
+    source = make_source(cfg, split)
+    num = len(source) if num is None else min(int(num), len(source))
+    batch_size = max(1, min(int(batch_size), num))  # no padded batch of blanks for a few images
+    it = make_eval_iterator(cfg, batch_size=batch_size, split=split, max_records=num, process_index=0,
+                            process_count=1, source=source)
+    images, labels = [], []
+    for b in it:
+        images.append(b["image"][b["mask"]])
+        labels.append(b["label"][b["mask"]])
+    return np.concatenate(images)[:num], np.concatenate(labels)[:num].astype(np.int32)
+
+
 def eval_num_batches(num_records: int, batch_size: int, process_count: int = 1) -> int:
     """Batches each host's eval iterator yields for ``num_records`` records."""
     b_local = local_batch_size(batch_size, process_count)
@@ -543,5 +605,5 @@ def eval_num_batches(num_records: int, batch_size: int, process_count: int = 1) 
 __all__: Sequence[str] = (
     "NAMES", "CROPS", "default_config", "image_shape", "num_classes", "make_source",
     "Preprocess", "ToFloat", "local_batch_size", "shard_indices", "make_train_iterator",
-    "make_eval_iterator", "eval_num_batches",
+    "make_eval_iterator", "eval_num_batches", "read_records", "read_split",
 )

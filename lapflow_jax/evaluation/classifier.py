@@ -24,6 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lapflow_jax.data import pipeline
+
 
 class SmallCNN(nnx.Module):
     """conv32/2 - conv64/2 - conv128/2 - mean pool - dense(features) - dense(classes), GELU.
@@ -167,9 +169,5 @@ def labelled_split(data_config, split: str, num: int | None = None, batch_size: 
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [N, H, W, C], int32 labels [N]) of a labelled split, as the eval pipeline reads
     it (center crop, no flip, resized to data.image_size): the first `num` records, or all."""
-    # pylint: disable=import-outside-toplevel
-    from lapflow_jax import evaluate
-    from lapflow_jax.sample import to_uint8
-
-    images, labels = evaluate.dataset_images_and_labels(data_config, split, num, batch_size)
-    return to_uint8(images), labels
+    images, labels = pipeline.read_split(data_config, split, num, batch_size)
+    return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8), labels
