@@ -73,7 +73,6 @@ from lapflow_jax.evaluation import frechet, inception_score, precision_recall, s
 from lapflow_jax.evaluation import networks as networks_lib
 from lapflow_jax.evaluation import npz as npz_lib
 
-FID_WEIGHTS_URL = networks_lib.FID_WEIGHTS_URL
 FRECHET_METRICS = networks_lib.FRECHET_METRICS
 # ADM's reference batches store the statistics of the whole training set under these suffixes.
 STORED_STATS = {("inception", "pool"): "", ("inception", "spatial"): "_s"}
@@ -105,7 +104,6 @@ class Reference:
         self.read_rows = read_rows
         self.stored = dict(stored or {})
         self.cache_dir = epath.Path(cache_dir) if cache_dir else None
-        self.num_read = 0
 
     def cache_path(self, network: networks_lib.FeatureNetwork) -> epath.Path:
         """<cache_dir>/<tag>_<network>_<digest of the reference key and the network's identity>."""
@@ -141,7 +139,6 @@ class Reference:
                                            streaming.blank_rows(self.image_shape))
         streaming.run(store, _program(mesh, {network.name: network}), label=f"eval: reference {network.name} features",
                       make_batch=make_batch, keep_images=False)
-        self.num_read = self.num
         return store
 
     def stats(self, network, output: str) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +155,8 @@ class Reference:
         running = frechet.RunningStats(network.outputs[output])
         for _, rows in store.rows(streaming.kind_of(network), [output], limit=self.num):
             running.add(rows[output])
+        if running.count != self.num:
+            raise ValueError(f"{store.dir}: found {running.count} rows of reference features, expected {self.num}.")
         mu, sigma = running.stats()
         frechet.save_stats(path, mu, sigma)
         logging.info("wrote %s", path)

@@ -14,8 +14,7 @@ import pytest
 
 from lapflow_jax import config as config_lib
 from lapflow_jax import evaluate, parallel, train
-from lapflow_jax.data import pipeline
-from lapflow_jax.evaluation import frechet, networks, npz, streaming
+from lapflow_jax.evaluation import networks, npz, streaming
 
 import demo_run
 import fake_features
