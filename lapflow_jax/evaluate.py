@@ -440,15 +440,18 @@ def evaluate_samples(config: ml_collections.ConfigDict, mesh, samples: Samples, 
     for name, outputs in needs.items():
         if reference.needs_pass(networks[name], outputs, features="precision_recall" in metrics and name == "inception"):
             reference.run_pass(networks[name], mesh, int(ev.feature_batch_size), int(ev.part_rows))
-    sampling = {"nfe_per_segment": np.mean(report["nfe"], axis=0).tolist() if report["nfe"] else None,
-                "batches_sampled": len(report["nfe"]), "seconds": None}
+    sampling = {"batches_sampled_now": len(report["nfe"])}
     if jax.process_index() == 0:
         if write_adm and samples.keep_images:
             write_adm_samples(store, num, samples.image_shape, out_dir, conditional=samples.num_classes > 0)
         # 4. statistics and 5. metrics
         values = compute_metrics(store, samples, reference, networks, metrics=metrics, num=num,
                                  swd_images=int(ev.swd_num_images), swd_seed=config.seed)
-        sampling["seconds"] = time.perf_counter() - start
+        if samples.keep_images:  # NFE per segment of every stored batch (this run's or an earlier one's)
+            nfe = [store.read(p, 0, streaming.IMAGES, ("nfe",)).get("nfe") for p in range(store.layout.num_parts)]
+            nfe = [n for n in nfe if n is not None]
+            sampling["nfe_per_segment"] = np.concatenate(nfe).mean(axis=0).tolist() if nfe else None
+        sampling["eval_seconds"] = time.perf_counter() - start
         result = {"step": step, "num_samples": num, "reference": reference.tag, "num_reference": reference.num,
                   "metrics": values, "samples_dir": str(store.dir), "sampling": sampling}
         if write_adm and samples.keep_images:

@@ -192,6 +192,7 @@ def test_eval_twice_for_one_step_then_resume_a_lost_part(tmp_path, fake_inceptio
     calls.clear()
     second = evaluate.evaluate_from_checkpoint(config, str(tmp_path))
     assert calls == [] and second["metrics"] == first["metrics"]
+    assert second["sampling"]["nfe_per_segment"] == first["sampling"]["nfe_per_segment"] == [1.0, 1.0]
 
     # Lose one part (a preempted run): only its batch is sampled again, to the same pixels.
     (out / "parts" / "p00001.h0000.images.npz").unlink()
