@@ -20,3 +20,17 @@ flags.FLAGS.mark_as_parsed()
 # the hook fails, failing whichever test was running (seen once in a full -n 2 run). Importing it
 # here, once, takes the hook's import out of that window.
 import tracemalloc  # noqa: E402,F401
+
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--paper-configs", action="store_true", default=False,
+                     help="also compile every paper config for the TPU its docstring names (about 2 min "
+                          "each on 2 cores); CI compiles one of them")
+
+
+@pytest.fixture
+def paper_configs_requested(request):
+    return request.config.getoption("--paper-configs")
