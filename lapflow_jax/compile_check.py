@@ -51,6 +51,7 @@ from ml_collections import config_flags  # noqa: E402
 from lapflow_jax import checkpoint as ckpt_lib  # noqa: E402
 from lapflow_jax import cli, generate, parallel, pyramid, sampling, train  # noqa: E402
 from lapflow_jax import flops as flops_lib  # noqa: E402
+from lapflow_jax import roofline  # noqa: E402
 from lapflow_jax.data import latents as latents_data  # noqa: E402
 from lapflow_jax.data import pipeline  # noqa: E402
 from lapflow_jax.models import attention, presets  # noqa: E402
@@ -126,8 +127,28 @@ class Collective:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+    """One collective instruction of a program."""
+
+    kind: str
+    count: int                 # executions per call of the program
+    bytes: int                 # bytes of its result per execution, per chip
+    group: tuple[int, ...]     # logical device ids of the group holding device 0 (all: every device)
+
+
 def collectives(hlo_text: str) -> list[Collective]:
-    """Collectives of an optimized HLO module, per call of the program, per chip.
+    """Collectives of an optimized HLO module per kind: executions and result bytes per call of
+    the program, per chip (see `collective_ops`)."""
+    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for op in collective_ops(hlo_text):
+        counts[op.kind][0] += op.count
+        counts[op.kind][1] += op.count * op.bytes
+    return [Collective(kind, c, b) for kind, (c, b) in sorted(counts.items())]
+
+
+def collective_ops(hlo_text: str, num_devices: int | None = None) -> list[CollectiveOp]:
+    """Collective instructions of an optimized HLO module, per call of the program, per chip.
 
     An async pair (all-gather-start / -done) counts once, with the -done's result shape. An op in
     a while loop counts as many times as the loop runs: its known_trip_count, or else the bound of
@@ -173,7 +194,14 @@ def collectives(hlo_text: str) -> list[Collective]:
                     visit(callee.strip().lstrip("%"), times, depth + 1)
 
     visit(entry, 1)
-    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    # An async pair's groups are on its -start; its result shape on its -done.
+    start_groups = {}
+    for name in runs:
+        for line in computations[name]:
+            match = _INSTRUCTION.match(line)
+            if match and match.group(2).endswith("-start"):
+                start_groups[_result_name(line)] = line
+    ops = []
     for name, times in runs.items():
         for line in computations[name]:
             match = _INSTRUCTION.match(line)
@@ -183,9 +211,56 @@ def collectives(hlo_text: str) -> list[Collective]:
             kind = opcode[:-len("-done")] if opcode.endswith("-done") else opcode
             if kind not in COLLECTIVES:  # also skips the -start half of an async pair
                 continue
-            counts[kind][0] += times
-            counts[kind][1] += times * shape_bytes(shape)
-    return [Collective(kind, c, b) for kind, (c, b) in sorted(counts.items())]
+            attributes = line
+            if opcode.endswith("-done"):
+                operand = re.search(r"-done\(%?([\w.\-]+)", line)
+                attributes = start_groups.get(operand.group(1) if operand else "", line)
+            ops.append(CollectiveOp(kind, times, shape_bytes(shape), replica_group(attributes, num_devices)))
+    return ops
+
+
+def _result_name(line: str) -> str:
+    return line.split("=")[0].replace("ROOT", "").strip().lstrip("%")
+
+
+_GROUPS_LIST = re.compile(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)?\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_PAIRS = re.compile(r"source_target_pairs=\{\{(\d+),(\d+)\}")
+
+
+def replica_group(line: str, num_devices: int | None = None) -> tuple[int, ...]:
+    """The logical device ids of the group that holds device 0, from an HLO collective's
+    replica_groups in any of XLA's three spellings: explicit lists `{{0,1},{2,3}}`, iota
+    `[2,2]<=[4]` (optionally transposed, `[2,4]<=[4,2]T(1,0)`), or named mesh axes
+    `mesh['axis_0'=4,'axis_1'=2] {'axis_1'}` (the listed axes vary within a group). An empty list
+    means every device (`num_devices`, or () when unknown). A collective-permute's group is its
+    first source-target pair."""
+    match = _GROUPS_MESH.search(line)
+    if match:
+        axes = re.findall(r"'(\w+)'=(\d+)", match.group(1))
+        names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+        varying = set(re.findall(r"'(\w+)'", match.group(2)))
+        ids = np.arange(int(np.prod(sizes))).reshape(sizes)
+        index = tuple(slice(None) if a in varying else 0 for a in names)
+        return tuple(int(i) for i in ids[index].ravel())
+    match = _GROUPS_IOTA.search(line)
+    if match:
+        shape = [int(x) for x in match.group(1).split(",")]
+        dims = [int(x) for x in match.group(2).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if match.group(3):
+            ids = ids.transpose([int(x) for x in match.group(3).split(",")])
+        return tuple(int(i) for i in ids.reshape(shape)[0])
+    match = _GROUPS_LIST.search(line)
+    if match:
+        if not match.group(1):
+            return tuple(range(num_devices)) if num_devices else ()
+        return tuple(int(i) for i in re.match(r"\{([\d,]*)\}", match.group(1)).group(1).split(",") if i)
+    match = _PAIRS.search(line)
+    if match:
+        return (int(match.group(1)), int(match.group(2)))
+    return tuple(range(num_devices)) if num_devices else ()
 
 
 def _scan_bound(condition: list[str]) -> int:
@@ -216,6 +291,8 @@ class ProgramReport:
     compile_seconds: float
     collectives: list[Collective]
     out_of_memory: tuple[float, float] | None = None   # (bytes needed, bytes usable), from the compiler
+    ops: list[CollectiveOp] = dataclasses.field(default_factory=list, repr=False)
+    step_time: roofline.StepTime | None = None          # the train step's predicted time
 
     @property
     def total(self) -> int:
@@ -229,8 +306,9 @@ class ProgramReport:
         return self.out_of_memory is None and self.total <= self.hbm
 
     def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.update(total=self.total, fits=self.fits, collectives=[c.as_dict() for c in self.collectives])
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("ops", "step_time")}
+        d.update(total=self.total, fits=self.fits, collectives=[c.as_dict() for c in self.collectives],
+                 step_time=self.step_time.as_dict() if self.step_time else None)
         return d
 
 
@@ -282,11 +360,12 @@ def compile_program(name: str, lowered, hbm: float, *, argument_bytes: int, flop
 
 def program_report(name: str, compiled, hbm: float, compile_seconds: float, flops: float | None = None) -> ProgramReport:
     memory = compiled.memory_analysis()
+    text = compiled.as_text()
     return ProgramReport(
         name=name, arguments=int(memory.argument_size_in_bytes), outputs=int(memory.output_size_in_bytes),
         aliased=int(memory.alias_size_in_bytes), temporaries=int(memory.temp_size_in_bytes),
         code=int(memory.generated_code_size_in_bytes), hbm=hbm, flops=flops, compile_seconds=compile_seconds,
-        collectives=collectives(compiled.as_text()))
+        collectives=collectives(text), ops=collective_ops(text))
 
 
 @dataclasses.dataclass
@@ -327,6 +406,10 @@ class Report:
             lines.append(f"| {p.name} | {gib(p.arguments)} | {gib(p.temporaries)} | {gib(p.total)} | "
                          f"{100 * p.total / p.hbm:.0f}% | {'yes' if p.fits else '**NO**'} | {flops} | "
                          f"{p.compile_seconds:.1f} |")
+        for p in self.programs:
+            if p.step_time:
+                lines += ["", f"Predicted {p.name} time per chip ({self.device_kind} roofline, docs/compile_check.md): "
+                          f"{p.step_time.format()}"]
         lines += ["", "Collectives per call, per chip (optimized HLO):"]
         for p in self.programs:
             found = ", ".join(f"{c.kind} {c.count} x ({c.bytes / 2**20:,.1f} MiB)" for c in p.collectives)
@@ -388,7 +471,57 @@ def compile_train_step(setup: train.Setup, hbm: float, *, count_flops: bool = Tr
     log(f"Compiling the train step (global batch {setup.config.train.global_batch_size}) ...")
     lowered = train.make_train_step(setup).lower(state, batch)
     flops = model_flops_per_chip(setup) if count_flops else None
-    return compile_program("train step", lowered, hbm, argument_bytes=bytes_per_chip((state, batch)), flops=flops)
+    report = compile_program("train step", lowered, hbm, argument_bytes=bytes_per_chip((state, batch)), flops=flops)
+    if count_flops and flops and report.out_of_memory is None:
+        log("Compiling the step at depth 1 and 2 for its HBM traffic ...")
+        report.step_time = predict_step_time(setup, report, flops, hbm_bytes_per_chip(setup))
+    return report
+
+
+def _train_step_cost(setup: train.Setup, **model_overrides) -> dict[str, float]:
+    """The TPU compiler's cost analysis of the train step with the model fields overridden."""
+    config = ml_collections.ConfigDict(setup.config.to_dict())
+    config.model.update(model_overrides)
+    variant = train.make_setup(config, setup.mesh, dataset_classes=setup.num_classes)
+    shardings, abstract = train.state_shardings(variant)
+    lowered = train.make_train_step(variant).lower(ckpt_lib.abstract_with_shardings(abstract, shardings),
+                                                   abstract_batch(variant, config.train.global_batch_size))
+    return lowered.compile().cost_analysis()
+
+
+def hbm_bytes_per_chip(setup: train.Setup) -> float:
+    """Bytes one chip's train step reads and writes in HBM, by the TPU compiler's cost analysis.
+
+    The analysis counts a loop's body once, so the step is compiled with 1 and 2 unrolled blocks
+    and extrapolated to the depth: every block is the same program, so the bytes are linear in
+    the depth (a + b * depth). Two small compiles, whatever the depth."""
+    one, two = (float(_train_step_cost(setup, depth=d, scan_layers=False)["bytes accessed"]) for d in (1, 2))
+    depth = presets.model_size(setup.config.model)[1]
+    return one + (two - one) * (depth - 1)
+
+
+def slice_shape(devices: Sequence[jax.Device]) -> tuple[int, ...]:
+    """Chips along each physical axis of a slice, from its devices' coordinates."""
+    coords = np.array([d.coords for d in devices])
+    return tuple(int(n) for n in coords.max(axis=0) - coords.min(axis=0) + 1)
+
+
+def predict_step_time(setup: train.Setup, report: ProgramReport, flops: float, hbm_bytes: float
+                      ) -> roofline.StepTime:
+    """The roofline of a compiled train step: its FLOPs, HBM bytes and every collective's group
+    laid over the chips' physical coordinates (logical id i is the mesh's i-th device)."""
+    devices = list(setup.mesh.devices.flat)
+    chip = roofline.chip_for(devices[0].device_kind)
+    shape = slice_shape(devices)
+    coords = np.array([d.coords for d in devices])
+    links = {}
+    entries = []
+    for op in report.ops:
+        group = op.group or tuple(range(len(devices)))
+        if group not in links:
+            links[group] = roofline.group_links(chip, coords[list(group)], shape)
+        entries.append((op.kind, op.count, op.bytes, links[group]))
+    return roofline.step_time(chip, flops=flops, hbm_bytes=hbm_bytes, collectives=entries)
 
 
 def model_flops_per_chip(setup: train.Setup) -> float | None:
