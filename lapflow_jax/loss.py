@@ -21,6 +21,14 @@ from lapflow_jax.paths import MultiScalePath
 
 # (states finest first, t [B], labels [B] or None) -> velocities finest first.
 VelocityModel = Callable[[list[jax.Array], jax.Array, jax.Array | None], list[jax.Array]]
+# One stage's model inputs: (states of scales f..L-1 finest first, t [b_f], labels [b_f] or None).
+StageInputs = tuple[list[jax.Array], jax.Array, "jax.Array | None"]
+
+
+def stagewise(model: VelocityModel) -> Callable[[Sequence[StageInputs]], list[list[jax.Array]]]:
+    """Any velocity model as a function of all stages' inputs, one call per stage. The MoT's own
+    `MoT.stages` takes them in one pass through its blocks instead (each weight read once)."""
+    return lambda stages: [model(states, t, labels) for states, t, labels in stages]
 
 
 def drop_labels(rng: jax.Array, labels: jax.Array, drop_prob: float, null_class: int) -> jax.Array:
@@ -37,7 +45,9 @@ def multiscale_loss(model: VelocityModel, residuals: Sequence[jax.Array], labels
     """Flow-matching loss of one batch.
 
     Args:
-      model: the velocity model (any callable with the MoT's signature).
+      model: the velocity model (any callable with the MoT's signature). A model with a `stages`
+        method (the MoT) gets all stages' sub-batches in one call, so each of its weights is read
+        (and, under FSDP, gathered) once per step rather than once per stage.
       residuals: normalised pyramid scales of the clean batch, finest first, [B, H/2^k, W/2^k, C].
       labels: [B] class ids (already label-dropped) or None.
       rng: a key for this step (fold the step in before calling).
@@ -53,10 +63,7 @@ def multiscale_loss(model: VelocityModel, residuals: Sequence[jax.Array], labels
     batch = residuals[0].shape[0]
     if sum(stage_sizes) != batch:
         raise ValueError(f"stage sizes {tuple(stage_sizes)} sum to {sum(stage_sizes)}, not the batch {batch}.")
-    total = jnp.zeros((), jnp.float32)
-    metrics = {}
-    scale_err = [jnp.zeros((), jnp.float32) for _ in range(num_scales)]
-    scale_count = [0] * num_scales
+    inputs, targets = [], []
     start = 0
     for f, size in enumerate(stage_sizes):
         rows = slice(start, start + size)
@@ -67,10 +74,18 @@ def multiscale_loss(model: VelocityModel, residuals: Sequence[jax.Array], labels
         clean = [residuals[k][rows] for k in range(f, num_scales)]
         noise = [jax.random.normal(noise_rngs[k], x.shape, x.dtype) for k, x in zip(range(f, num_scales), clean)]
         states = [path.noisy_state(x, e, t, k) for k, x, e in zip(range(f, num_scales), clean, noise)]
-        predicted = model(states, t, None if labels is None else labels[rows])
+        inputs.append((states, t, None if labels is None else labels[rows]))
+        targets.append([path.velocity_target(x, e, k) for k, x, e in zip(range(f, num_scales), clean, noise)])
+    predicted = model.stages(inputs) if hasattr(model, "stages") else stagewise(model)(inputs)
+
+    total = jnp.zeros((), jnp.float32)
+    metrics = {}
+    scale_err = [jnp.zeros((), jnp.float32) for _ in range(num_scales)]
+    scale_count = [0] * num_scales
+    for f, (size, stage_targets, stage_predicted) in enumerate(zip(stage_sizes, targets, predicted)):
         stage_loss = jnp.zeros((), jnp.float32)
-        for k, x, e, v in zip(range(f, num_scales), clean, noise, predicted):
-            err = jnp.mean(jnp.square(v.astype(jnp.float32) - path.velocity_target(x, e, k).astype(jnp.float32)))
+        for k, target, v in zip(range(f, num_scales), stage_targets, stage_predicted):
+            err = jnp.mean(jnp.square(v.astype(jnp.float32) - target.astype(jnp.float32)))
             stage_loss = stage_loss + scale_weights[k] * err
             scale_err[k] = scale_err[k] + size * err
             scale_count[k] += size

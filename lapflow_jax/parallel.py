@@ -216,6 +216,23 @@ def target_platform() -> str:
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
+def gathered(weight: jax.Array, names: Sequence[str | None], dtype) -> jax.Array:
+    """A weight as a layer uses it: cast to the compute dtype, then FSDP's split of its 'embed'
+    axis undone (the all-gather) with tensor parallelism's split kept; just the cast outside
+    `activation_sharding`.
+
+    Casting first (MaxText's order) makes the gather move bf16, not float32. Every use of a
+    weight within a traced layer shares one gathered copy (XLA merges identical casts and
+    constraints), so a weight that several stages or scales use crosses the network once per
+    pass, and XLA sums the uses' gradients before reducing them."""
+    weight = weight.astype(dtype)
+    mesh = _ACTIVE.mesh
+    if mesh is None:
+        return weight
+    rules = tuple((name, None if name == "embed" else axis) for name, axis in _ACTIVE.rules)
+    return jax.lax.with_sharding_constraint(weight, NamedSharding(mesh, spec_for(names, rules)))
+
+
 def activation_spec(shape: Sequence[int], names: Sequence[str | None]) -> P | None:
     """PartitionSpec of an activation with these logical axis names inside `activation_sharding`
     (None outside one). A dimension that does not divide by its mesh axis is left unsharded (e.g.

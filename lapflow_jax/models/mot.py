@@ -84,10 +84,13 @@ class ScaleDense(nnx.Module):
                 nnx.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,)))
         self.kernel = _param(init, ("scale",) + axes, rngs, (num_scales, in_features, out_features))
         self.bias = _param(nnx.initializers.zeros_init(), ("scale", axes[1]), rngs, (num_scales, out_features))
+        self.axes = axes
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, scale: int) -> jax.Array:
-        kernel = self.kernel[scale].astype(self.dtype)
+        # All scales' kernels gathered at once: each scale's slice is used by every stage that has
+        # that scale, and they share this one copy.
+        kernel = parallel.gathered(self.kernel[...], ("scale",) + self.axes, self.dtype)[scale]
         return jnp.dot(x.astype(self.dtype), kernel) + self.bias[scale].astype(self.dtype)
 
 
@@ -99,10 +102,12 @@ class Dense(nnx.Module):
         init = init or nnx.initializers.normal(0.02)
         self.kernel = _param(init, axes, rngs, (in_features, out_features))
         self.bias = _param(nnx.initializers.zeros_init(), (axes[1],), rngs, (out_features,))
+        self.axes = axes
         self.dtype = dtype
 
     def __call__(self, x):
-        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
+        kernel = parallel.gathered(self.kernel[...], self.axes, self.dtype)
+        return jnp.dot(x.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
 
 
 def timestep_embedding(t: jax.Array, dim: int = TIME_FREQUENCY_DIM, max_period: float = 10000.0) -> jax.Array:
@@ -284,43 +289,41 @@ class MoT(nnx.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def _run_blocks(self, tokens: list[jax.Array], cond: jax.Array, first: int) -> list[jax.Array]:
-        """All blocks, under the remat policy, unrolled or as one scan over the stacked weights."""
-        policy = REMAT_POLICIES[self.remat]
+    def _run_blocks(self, stages: list[tuple[list[jax.Array], jax.Array, int]]) -> list[list[jax.Array]]:
+        """All blocks over every stage's tokens, under the remat policy, unrolled or as one scan.
 
-        def apply(graphdef, layer_state, toks, c):
-            return nnx.merge(graphdef, layer_state)(toks, c, first)
+        stages: per stage (tokens of its active scales, cond [b, D], first active scale). Each
+        layer is applied to every stage before the next layer, so a layer's weights are read, and
+        under FSDP gathered, once per pass rather than once per stage."""
+        policy = REMAT_POLICIES[self.remat]
+        firsts = [first for _, _, first in stages]
+
+        def apply(graphdef, layer_state, toks, conds):
+            block = nnx.merge(graphdef, layer_state)
+            return [block(t, c, first) for t, c, first in zip(toks, conds, firsts)]
 
         if self.remat != "none":
             # prevent_cse=False inside scan (the loop already keeps XLA from merging the
             # recomputation into the forward pass); True when unrolled.
             apply = jax.checkpoint(apply, policy=policy, prevent_cse=not self.scan_layers, static_argnums=(0,))
+        tokens = [toks for toks, _, _ in stages]
+        conds = [cond for _, cond, _ in stages]
         if self.scan_layers:
             graphdef, state = nnx.split(self.blocks)
-            tokens, _ = jax.lax.scan(lambda toks, layer: (apply(graphdef, layer, toks, cond), None),
+            tokens, _ = jax.lax.scan(lambda toks, layer: (apply(graphdef, layer, toks, conds), None),
                                      tokens, state)
             return tokens
         for block in self.blocks:
             if self.remat == "none":
-                tokens = block(tokens, cond, first)
+                tokens = [block(t, c, first) for t, c, first in zip(tokens, conds, firsts)]
             else:
                 graphdef, state = nnx.split(block)
-                tokens = apply(graphdef, state, tokens, cond)
+                tokens = apply(graphdef, state, tokens, conds)
         return tokens
 
-    def __call__(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None = None) -> list[jax.Array]:
-        """Velocities of the active scales.
-
-        Args:
-          states: noisy states of the active scales f..L-1, finest first; scale k is
-            [B, H/2^k, W/2^k, C]. Which scales are active follows from len(states): always a
-            coarsest-aligned suffix, since finer scales only join later.
-          t: [B] global time.
-          labels: [B] int class ids (or the null class), or None for an unconditional model.
-
-        Returns:
-          Per active scale velocity, finest first, shaped like `states`, float32.
-        """
+    def _embed(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None
+               ) -> tuple[list[jax.Array], jax.Array, int]:
+        """Tokens of the active scales, the conditioning vector and the first active scale."""
         first = self.num_scales - len(states)
         if not 0 <= first < self.num_scales:
             raise ValueError(f"got {len(states)} scale states; the model has {self.num_scales} scales.")
@@ -342,7 +345,9 @@ class MoT(nnx.Module):
             # A stage's sub-batch is a contiguous slice of the global batch, i.e. lives on a few
             # 'data' devices: spread it over all of them before the heavy work.
             tokens.append(parallel.constrain(h, TOKENS))
-        tokens = self._run_blocks(tokens, cond, first)
+        return tokens, cond, first
+
+    def _head(self, tokens: list[jax.Array], cond: jax.Array, first: int) -> list[jax.Array]:
         outputs = []
         silu_cond = jax.nn.silu(cond)
         for h, k in zip(tokens, range(first, self.num_scales)):
@@ -351,6 +356,32 @@ class MoT(nnx.Module):
             height, width, channels = self.scale_shapes[k]
             outputs.append(unpatchify(h, self.patch_sizes[k], height, width, channels).astype(jnp.float32))
         return outputs
+
+    def stages(self, inputs: Sequence[tuple[Sequence[jax.Array], jax.Array, jax.Array | None]]
+               ) -> list[list[jax.Array]]:
+        """Velocities of several independent inputs (the training stages' sub-batches), each as
+        `__call__` would give it, in one pass through the blocks.
+
+        inputs: per stage (states, t, labels) as `__call__` takes them; stages may differ in
+        batch size and in the scales present. Returns per stage its velocities, finest first."""
+        embedded = [self._embed(states, t, labels) for states, t, labels in inputs]
+        tokens = self._run_blocks(embedded)
+        return [self._head(toks, cond, first) for toks, (_, cond, first) in zip(tokens, embedded)]
+
+    def __call__(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None = None) -> list[jax.Array]:
+        """Velocities of the active scales.
+
+        Args:
+          states: noisy states of the active scales f..L-1, finest first; scale k is
+            [B, H/2^k, W/2^k, C]. Which scales are active follows from len(states): always a
+            coarsest-aligned suffix, since finer scales only join later.
+          t: [B] global time.
+          labels: [B] int class ids (or the null class), or None for an unconditional model.
+
+        Returns:
+          Per active scale velocity, finest first, shaped like `states`, float32.
+        """
+        return self.stages([(states, t, labels)])[0]
 
 
 def _split_blocks(tree: dict) -> tuple[dict, dict]:
