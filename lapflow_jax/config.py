@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.class_dropout = 0.1       # label dropout for classifier-free guidance.
     c.model.conditional = True        # use the dataset's labels when it has them.
     c.model.attention_backend = "auto"    # splash on TPU, cuDNN on GPU (bf16), XLA prefix form elsewhere.
+    c.model.attention_mask = "block_causal"  # visibility between scales: attention.MASKS ("full", "self": ablations).
     c.model.time_scale = 1000.0
     c.model.dtype = "float32"         # compute dtype; parameters and optimizer stay float32.
     c.model.remat = "none"            # per-block activation checkpointing: mot.REMAT_POLICIES.
@@ -212,6 +213,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.model.attention_backend not in attention.BACKENDS:
         raise ValueError(f"config.model.attention_backend={c.model.attention_backend!r} is not one of "
                          f"{attention.BACKENDS}.")
+    if c.model.attention_mask not in attention.MASKS:
+        raise ValueError(f"config.model.attention_mask={c.model.attention_mask!r} is not one of {attention.MASKS}.")
     if c.sample.method not in METHODS:
         raise ValueError(f"config.sample.method={c.sample.method!r} is not one of {METHODS}.")
     if c.model.conditional and c.sample.guidance_scale != 1.0 and c.model.class_dropout == 0:

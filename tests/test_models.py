@@ -128,3 +128,58 @@ def test_single_scale_is_dit(name, size, published):
     assert abs(counts[1] - published) / published < 0.01
     # The MoT split: every non-embedding weight per scale, so parameters grow ~L-fold.
     assert 1.9 < counts[2] / counts[1] < 2.0
+
+
+# Rows: query scale, columns: key scale (finest first), as in test_attention.py.
+EXPECTED_VISIBILITY = {"block_causal": [[1, 1, 1], [0, 1, 1], [0, 0, 1]],
+                       "full": [[1, 1, 1], [1, 1, 1], [1, 1, 1]],
+                       "self": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
+
+
+@pytest.mark.parametrize("mask", attention.MASKS)
+def test_model_visibility_per_pattern(mask):
+    """Perturb one scale's input state and read which scales' velocities change (3 scales active,
+    then the finest absent): the pattern's visibility, read off the whole model."""
+    model = randomize(MoT(image_shape=(16, 16, 3), num_scales=3, patch_sizes=(2, 2, 2), hidden_size=32, depth=2,
+                          num_heads=4, num_classes=10, attention_mask=mask, rngs=nnx.Rngs(0)))
+    y = jnp.array([1, 2])
+    t = jnp.array([0.7, 0.9])
+    for first in (0, 1):  # first = 1: the finest scale has not started and is not fed
+        xs = states_for(3)[first:]
+        base = model(xs, t, y)
+        seen = np.zeros((len(xs),) * 2, int)
+        for j in range(len(xs)):
+            bumped = [x + (jax.random.normal(jax.random.key(7), x.shape) if i == j else 0.0) for i, x in enumerate(xs)]
+            out = model(bumped, t, y)
+            for i in range(len(xs)):
+                change = float(jnp.abs(out[i] - base[i]).max())
+                assert change == 0.0 or change > 1e-4
+                seen[i, j] = change > 0
+        expected = np.array(EXPECTED_VISIBILITY[mask])[first:, first:]
+        np.testing.assert_array_equal(seen, expected, err_msg=f"{mask}, scales {first}..2 active")
+
+
+def test_config_names_the_attention_mask_field():
+    from lapflow_jax import config as config_lib
+
+    c = config_lib.base_config()
+    assert c.model.attention_mask == "block_causal"
+    c.model.attention_mask = "none"
+    with pytest.raises(ValueError, match="config.model.attention_mask='none'"):
+        config_lib.validate(c)
+
+
+def test_checkpoint_without_attention_mask_resumes_as_block_causal():
+    # Checkpoints written before the field existed were trained block-causal: no refusal for them,
+    # but a real change of pattern is still refused.
+    import json
+
+    from lapflow_jax import checkpoint, config as config_lib
+
+    c = config_lib.base_config()
+    saved = json.loads(c.to_json())
+    del saved["model"]["attention_mask"]
+    assert checkpoint.config_differences(saved, c) == []
+    c.model.attention_mask = "full"
+    assert checkpoint.config_differences(saved, c) == [
+        "model.attention_mask: checkpoint has 'block_causal', config has 'full'"]

@@ -47,6 +47,7 @@ def build_model(config: ml_collections.ConfigDict, *, image_shape: tuple[int, in
         num_classes=num_classes,
         class_dropout=config.model.class_dropout,
         attention_backend=config.model.attention_backend,
+        attention_mask=config.model.get("attention_mask", "block_causal"),
         time_scale=config.model.time_scale,
         dtype=DTYPES[config.model.dtype],
         remat=config.model.get("remat", "none"),
