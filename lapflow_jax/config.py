@@ -20,7 +20,7 @@ from lapflow_jax.evaluation import networks
 from lapflow_jax.models import attention, presets
 from lapflow_jax.models.mot import REMAT_POLICIES
 from lapflow_jax.pyramid import DOWN_FILTERS, UP_FILTERS
-from lapflow_jax.sampling import METHODS
+from lapflow_jax.sampling import ERROR_NORMS, METHODS
 
 # Metrics of the eval mode (lapflow_jax/evaluate.py; evaluation/networks.py says what each reads).
 EVAL_METRICS = networks.METRICS
@@ -94,6 +94,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.batch_size = 16
     c.sample.rtol = 1e-3
     c.sample.atol = 1e-3
+    # dopri5 across window starts (sampling.Dopri5Options): carry the step size over a window start
+    # (False: cold restart per segment, as before); measure the error on the reconstructed image
+    # ("image") or on the normalised scales ("state", diffrax's default); one step size per sample
+    # (False: one for the batch, from the RMS over all samples).
+    c.sample.dopri5_carry_step = True
+    c.sample.dopri5_norm = "image"
+    c.sample.dopri5_per_sample = True
     c.sample.previews = True
     c.sample.use_ema = True
     c.sample.grid_images = 64         # sample mode: images in grid.png (the .npz has all of them).
@@ -215,6 +222,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                          f"{attention.BACKENDS}.")
     if c.model.attention_mask not in attention.MASKS:
         raise ValueError(f"config.model.attention_mask={c.model.attention_mask!r} is not one of {attention.MASKS}.")
+    if c.sample.dopri5_norm not in ERROR_NORMS:
+        raise ValueError(f"config.sample.dopri5_norm={c.sample.dopri5_norm!r} is not one of {ERROR_NORMS}.")
     if c.sample.method not in METHODS:
         raise ValueError(f"config.sample.method={c.sample.method!r} is not one of {METHODS}.")
     if c.model.conditional and c.sample.guidance_scale != 1.0 and c.model.class_dropout == 0:
