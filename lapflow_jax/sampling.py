@@ -221,10 +221,11 @@ def _dopri5_segment(velocity_fn: VelocityFn, args, states, t0, t1, h0, rtol, ato
     bins = options.time_bins
     f = lambda ys, t: velocity_fn(args, ys, t.astype(dtype))
     norm = functools.partial(_scaled_rms, rtol=rtol, atol=atol, to_image=to_image, num_absent=num_absent)
-    t_start = jnp.full((batch,), t0, jnp.float32)
+    # Time and step sizes in the states' dtype (float64 under jax_enable_x64).
+    t_start = jnp.full((batch,), t0, dtype)
     zeros_b = jnp.zeros((batch,), jnp.int32)
-    init = dict(t=t_start, h=jnp.asarray(h0, jnp.float32), y=list(states), k1=f(states, t_start),
-                h_carry=jnp.asarray(h0, jnp.float32), iters=jnp.zeros((), jnp.int32), nfe=zeros_b + 1,
+    init = dict(t=t_start, h=jnp.asarray(h0, dtype), y=list(states), k1=f(states, t_start),
+                h_carry=jnp.asarray(h0, dtype), iters=jnp.zeros((), jnp.int32), nfe=zeros_b + 1,
                 accepted=zeros_b, rejected=zeros_b, accepted_t=jnp.zeros((batch, bins), jnp.int32),
                 rejected_t=jnp.zeros((batch, bins), jnp.int32))
 
@@ -280,7 +281,7 @@ def segment_program(velocity_fn: VelocityFn, args, states, t0: float, t1: float,
     """The program `sample` runs for one segment, lowered for these (possibly abstract) inputs:
     for ahead-of-time compile checks. Arguments as `sample`; states are the active scales'."""
     if method == "dopri5":
-        h0 = jnp.full((states[0].shape[0],), (t1 - t0) / num_steps, jnp.float32)
+        h0 = jnp.full((states[0].shape[0],), (t1 - t0) / num_steps, states[0].dtype)
         return _dopri5_segment.lower(velocity_fn, args, states, t0, t1, h0, rtol, atol, options=Dopri5Options())
     return _fixed_step_segment.lower(velocity_fn, args, states, t0, t1, method=method, num_steps=num_steps)
 
@@ -336,7 +337,7 @@ def sample(velocity_fn: VelocityFn, args, path: MultiScalePath, noise: Sequence[
         states = [path.entry_noise_scale(finest) * noise[finest]] + states
         if method == "dopri5":
             if h is None or not dopri5.carry_step:
-                h = jnp.full((noise[0].shape[0],), (t1 - t0) / n, jnp.float32)
+                h = jnp.full((noise[0].shape[0],), (t1 - t0) / n, noise[0].dtype)
             h_start = h
             states, h, seg = _dopri5_segment(velocity_fn, args, states, t0, t1, h, rtol, atol, options=dopri5,
                                              to_image=image, num_absent=finest)
