@@ -298,3 +298,23 @@ def test_config_names_the_dopri5_norm_field():
     c.sample.dopri5_norm = "pixels"
     with pytest.raises(ValueError, match="config.sample.dopri5_norm='pixels'"):
         config_lib.validate(c)
+
+
+def test_dopri5_sample_runs_of_the_old_solver_are_not_resumed_with_the_new(tmp_path):
+    # settings.json of a dopri5 run made before the dopri5_* fields existed: it used the cold-start,
+    # state-norm, batch-step solver; resuming it with the new default would mix two solvers' batches.
+    config = tiny_config(**{"sample.method": "dopri5"})
+    sample._check_settings(config, tmp_path, seed=0, primary=True)
+    recorded = json.loads((tmp_path / "settings.json").read_text())
+    old = {k: v for k, v in recorded.items() if "dopri5_" not in k}
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="sample.dopri5_carry_step: earlier False, now True"):
+        sample._check_settings(config, tmp_path, seed=0, primary=True)
+    with config.unlocked():
+        config.sample.dopri5_carry_step, config.sample.dopri5_norm, config.sample.dopri5_per_sample = False, "state", False
+    sample._check_settings(config, tmp_path, seed=0, primary=True)  # the old solver: accepted
+    # Other methods record no dopri5 fields (their earlier runs' settings stay valid).
+    heun = tiny_config(**{"sample.method": "heun"})
+    (tmp_path / "heun").mkdir()
+    sample._check_settings(heun, tmp_path / "heun", seed=0, primary=True)
+    assert not any("dopri5" in k for k in json.loads((tmp_path / "heun" / "settings.json").read_text()))
