@@ -38,7 +38,7 @@ RESUME_CRITICAL = ("seed", "num_scales", "window_starts", "path_kind", "pyramid"
 # Fields inside the sections above that only change how the same model is computed.
 # Compute-only choices: the same parameters, placed or recomputed differently (e.g. when moving to
 # smaller chips).
-RESUME_DEFAULTS = {"model.attention_mask": "block_causal"}
+RESUME_DEFAULTS = {"model.attention_mask": "block_causal", "model.architecture": "mot"}
 RESUME_HARMLESS = ("model.attention_backend", "model.dtype", "model.remat", "pyramid.sigma_batches")
 
 

@@ -18,7 +18,7 @@ from lapflow_jax import paths
 from lapflow_jax.data import pipeline
 from lapflow_jax.evaluation import networks
 from lapflow_jax.models import attention, presets
-from lapflow_jax.models.mot import REMAT_POLICIES
+from lapflow_jax.models.mot import ARCHITECTURES, REMAT_POLICIES
 from lapflow_jax.pyramid import DOWN_FILTERS, UP_FILTERS
 from lapflow_jax.sampling import ERROR_NORMS, METHODS
 
@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.class_dropout = 0.1       # label dropout for classifier-free guidance.
     c.model.conditional = True        # use the dataset's labels when it has them.
     c.model.attention_backend = "auto"    # splash on TPU, cuDNN on GPU (bf16), XLA prefix form elsewhere.
+    c.model.architecture = "mot"      # "separate": one transformer per scale (models.mot.SeparateScaleModels).
     c.model.attention_mask = "block_causal"  # visibility between scales: attention.MASKS ("full", "self": ablations).
     c.model.time_scale = 1000.0
     c.model.dtype = "float32"         # compute dtype; parameters and optimizer stay float32.
@@ -220,6 +221,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.model.attention_backend not in attention.BACKENDS:
         raise ValueError(f"config.model.attention_backend={c.model.attention_backend!r} is not one of "
                          f"{attention.BACKENDS}.")
+    if c.model.architecture not in ARCHITECTURES:
+        raise ValueError(f"config.model.architecture={c.model.architecture!r} is not one of {ARCHITECTURES}.")
     if c.model.attention_mask not in attention.MASKS:
         raise ValueError(f"config.model.attention_mask={c.model.attention_mask!r} is not one of {attention.MASKS}.")
     if c.sample.dopri5_norm not in ERROR_NORMS:

@@ -339,7 +339,10 @@ def sample(velocity_fn: VelocityFn, args, path: MultiScalePath, noise: Sequence[
             if h is None or not dopri5.carry_step:
                 h = jnp.full((noise[0].shape[0],), (t1 - t0) / n, noise[0].dtype)
             h_start = h
-            states, h, seg = _dopri5_segment(velocity_fn, args, states, t0, t1, h, rtol, atol, options=dopri5,
+            # carry_step acts here, between segments: leave it out of the segment's (static)
+            # options so that carrying or not runs the same compiled program.
+            states, h, seg = _dopri5_segment(velocity_fn, args, states, t0, t1, h, rtol, atol,
+                                             options=dataclasses.replace(dopri5, carry_step=False),
                                              to_image=image, num_absent=finest)
             nfes.append(int(seg.pop("batch_nfe")))
             stats.append({**jax.tree.map(np.asarray, seg), "h_start": np.asarray(h_start)})
