@@ -38,6 +38,7 @@ RESUME_CRITICAL = ("seed", "num_scales", "window_starts", "path_kind", "pyramid"
 # Fields inside the sections above that only change how the same model is computed.
 # Compute-only choices: the same parameters, placed or recomputed differently (e.g. when moving to
 # smaller chips).
+RESUME_DEFAULTS = {"model.attention_mask": "block_causal", "model.architecture": "mot"}
 RESUME_HARMLESS = ("model.attention_backend", "model.dtype", "model.remat", "pyramid.sigma_batches")
 
 
@@ -63,7 +64,9 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """Resume-critical fields that differ between a checkpoint's config and the current one."""
     now = _flatten(json.loads(current.to_json()))
-    before = _flatten(saved)
+    # A field added after the checkpoint was written reads as its default (the behaviour the
+    # checkpoint was trained with), so old runs still resume.
+    before = {**RESUME_DEFAULTS, **_flatten(saved)}
     diffs = []
     for key in sorted(set(now) | set(before)):
         if any(key == c or key.startswith(c + ".") for c in RESUME_CRITICAL) and key not in RESUME_HARMLESS:

@@ -18,9 +18,9 @@ from lapflow_jax import paths
 from lapflow_jax.data import pipeline
 from lapflow_jax.evaluation import networks
 from lapflow_jax.models import attention, presets
-from lapflow_jax.models.mot import REMAT_POLICIES
+from lapflow_jax.models.mot import ARCHITECTURES, REMAT_POLICIES
 from lapflow_jax.pyramid import DOWN_FILTERS, UP_FILTERS
-from lapflow_jax.sampling import METHODS
+from lapflow_jax.sampling import ERROR_NORMS, METHODS
 
 # Metrics of the eval mode (lapflow_jax/evaluate.py; evaluation/networks.py says what each reads).
 EVAL_METRICS = networks.METRICS
@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.class_dropout = 0.1       # label dropout for classifier-free guidance.
     c.model.conditional = True        # use the dataset's labels when it has them.
     c.model.attention_backend = "auto"    # splash on TPU, cuDNN on GPU (bf16), XLA prefix form elsewhere.
+    c.model.architecture = "mot"      # "separate": one transformer per scale (models.mot.SeparateScaleModels).
+    c.model.attention_mask = "block_causal"  # visibility between scales: attention.MASKS ("full", "self": ablations).
     c.model.time_scale = 1000.0
     c.model.dtype = "float32"         # compute dtype; parameters and optimizer stay float32.
     c.model.remat = "none"            # per-block activation checkpointing: mot.REMAT_POLICIES.
@@ -93,6 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.batch_size = 16
     c.sample.rtol = 1e-3
     c.sample.atol = 1e-3
+    # dopri5 across window starts (sampling.Dopri5Options): carry the step size over a window start
+    # (False: cold restart per segment, as before); measure the error on the reconstructed image
+    # ("image") or on the normalised scales ("state", diffrax's default); one step size per sample
+    # (False: one for the batch, from the RMS over all samples).
+    c.sample.dopri5_carry_step = True
+    c.sample.dopri5_norm = "image"
+    c.sample.dopri5_per_sample = True
     c.sample.previews = True
     c.sample.use_ema = True
     c.sample.grid_images = 64         # sample mode: images in grid.png (the .npz has all of them).
@@ -212,6 +221,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.model.attention_backend not in attention.BACKENDS:
         raise ValueError(f"config.model.attention_backend={c.model.attention_backend!r} is not one of "
                          f"{attention.BACKENDS}.")
+    if c.model.architecture not in ARCHITECTURES:
+        raise ValueError(f"config.model.architecture={c.model.architecture!r} is not one of {ARCHITECTURES}.")
+    if c.model.attention_mask not in attention.MASKS:
+        raise ValueError(f"config.model.attention_mask={c.model.attention_mask!r} is not one of {attention.MASKS}.")
+    if c.sample.dopri5_norm not in ERROR_NORMS:
+        raise ValueError(f"config.sample.dopri5_norm={c.sample.dopri5_norm!r} is not one of {ERROR_NORMS}.")
     if c.sample.method not in METHODS:
         raise ValueError(f"config.sample.method={c.sample.method!r} is not one of {METHODS}.")
     if c.model.conditional and c.sample.guidance_scale != 1.0 and c.model.class_dropout == 0:

@@ -292,6 +292,7 @@ class Samples:
 
 
 # What fixes sample i: a directory of parts must not mix samples made with other values.
+DOPRI5_SETTINGS = ("dopri5_carry_step", "dopri5_norm", "dopri5_per_sample")
 _SAMPLE_SETTINGS = ("sample.method", "sample.steps", "sample.guidance_scale", "sample.rtol", "sample.atol",
                     "sample.use_ema", "num_scales", "window_starts", "path_kind", "model", "pyramid", "latent.enabled",
                     "latent.autoencoder", "latent.dtype", "eval.labels")
@@ -307,6 +308,9 @@ def samples_from_model(config: ml_collections.ConfigDict, setup, params: Any, si
         for part in key.split("."):
             node = node[part]
         identity[key] = node
+    if config.sample.method == "dopri5":
+        # Only dopri5's images depend on these (and identities of other methods stay as they were).
+        identity.update({f"sample.{k}": config.sample[k] for k in DOPRI5_SETTINGS})
     pixel_shape = _pixel_shape(config, setup.image_shape)
     batch = streaming.global_batch(config.sample.batch_size, setup.mesh)
     base = jax.random.key(seed)

@@ -51,6 +51,13 @@ def path_from_config(config: ml_collections.ConfigDict) -> MultiScalePath:
     return MultiScalePath(tuple(config.window_starts), config.path_kind)
 
 
+def dopri5_options(config) -> sampling.Dopri5Options:
+    """The adaptive solver's treatment of window starts and its error norm (config.sample.dopri5_*)."""
+    return sampling.Dopri5Options(carry_step=bool(config.sample.get("dopri5_carry_step", True)),
+                                  error_norm=config.sample.get("dopri5_norm", "image"),
+                                  per_sample=bool(config.sample.get("dopri5_per_sample", True)))
+
+
 def velocity_for(config, graphdef: nnx.GraphDef, num_classes: int) -> sampling.VelocityFn:
     """The velocity function sampling uses (classifier-free guided when the config asks for it)."""
     if num_classes > 0 and config.sample.guidance_scale != 1.0:
@@ -177,7 +184,8 @@ def sample_on_mesh(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, pa
     with model_context(config, mesh):
         result = sampling.sample(velocity_for(config, graphdef, num_classes), (params, labels), path, noise,
                                  method=config.sample.method, steps=config.sample.steps, rtol=config.sample.rtol,
-                                 atol=config.sample.atol, previews=previews)
+                                 atol=config.sample.atol, previews=previews, dopri5=dopri5_options(config),
+                                 to_image=sampling.image_fn(tuple(float(s) for s in sigmas), config.pyramid.up))
     sigmas = tuple(float(s) for s in sigmas)
 
     def reconstruct(residuals):

@@ -102,6 +102,10 @@ _SETTINGS = ("sample.batch_size", "sample.method", "sample.steps", "sample.guida
              "sample.atol", "sample.use_ema", "num_scales", "window_starts", "path_kind", "model")
 
 
+_DOPRI5_SETTINGS = ("dopri5_carry_step", "dopri5_norm", "dopri5_per_sample")
+_DOPRI5_BEFORE = {"sample.dopri5_carry_step": False, "sample.dopri5_norm": "state", "sample.dopri5_per_sample": False}
+
+
 def _check_settings(config: ml_collections.ConfigDict, out_dir: epath.Path, seed: int, primary: bool) -> None:
     """Records the settings in out_dir/settings.json, or checks them against an earlier run's."""
     flat = json.loads(config.to_json())
@@ -111,9 +115,14 @@ def _check_settings(config: ml_collections.ConfigDict, out_dir: epath.Path, seed
         for part in key.split("."):
             node = node[part]
         now[key] = node
+    if config.sample.method == "dopri5":
+        # An earlier dopri5 run without these fields used the old solver (cold restart per segment,
+        # state norm, one step for the batch): resuming it with the new one is refused.
+        now.update({f"sample.{k}": config.sample[k] for k in _DOPRI5_SETTINGS})
     path = out_dir / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
+        before = {**_DOPRI5_BEFORE, **before} if before.get("sample.method") == "dopri5" else before
         diffs = [f"{k}: earlier {before.get(k)!r}, now {v!r}" for k, v in now.items() if before.get(k) != v]
         if diffs:
             raise ValueError(f"{out_dir} holds batches made with other settings:\n  " + "\n  ".join(diffs)

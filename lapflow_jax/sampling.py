@@ -4,8 +4,14 @@ Global time runs from 0 (noise) to 1 (data). The window starts cut [0, 1] into s
 segment a fixed set of scales is active (the coarsest alone first, each finer scale joining at its
 window start as fresh, suitably scaled noise). Every velocity call sees only the active scales,
 which is where LapFlow saves compute. Each segment is one compiled integration (a `fori_loop` for
-Euler and Heun, `diffrax.diffeqsolve` with Dopri5 for the adaptive solver), so a model with L scales
-compiles L programs, once.
+Euler and Heun, a `while_loop` of Dormand-Prince 5(4) steps for the adaptive solver), so a model
+with L scales compiles L programs, once.
+
+The adaptive solver is diffrax's Dopri5 + PIDController step for step (same tableau, controller
+and acceptance rule; `_dopri5_segment_diffrax` is that reference), with three changes a window
+structure asks for (`Dopri5Options`): the step size carries over a window start instead of a cold
+restart, the error is measured on the image the scales reconstruct, and each sample keeps its own
+step size.
 
 A velocity function here is pure: `velocity_fn(args, states, t) -> velocities`, with `args` a
 pytree (model parameters, labels...) passed explicitly so large weights are never baked into the
@@ -21,8 +27,10 @@ from typing import Any, Callable, Sequence
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from lapflow_jax import pyramid
 from lapflow_jax.paths import MultiScalePath
 
 METHODS = ("euler", "heun", "dopri5")
@@ -39,12 +47,17 @@ class SampleResult:
     segments: (t0, t1, finest active scale) per segment, in time order.
     previews: if asked for, per segment end, the clean-scale estimates x1 = x_t + (1 - t) v of the
       active scales (finest first; inactive finer scales are zeros), ready to reconstruct.
+    dopri5_stats: for dopri5, per segment, host numpy: "nfe" [B] (model evaluations each sample
+      needed; nfe_per_segment holds what the batch paid, the most any sample needed when steps are
+      per sample), "accepted"/"rejected" [B], "accepted_t"/"rejected_t" [B, bins] (steps by the
+      global-time bin they start in), "h_start" [B] (first step tried in the segment).
     """
 
     residuals: list[jax.Array]
     nfe_per_segment: tuple[int, ...]
     segments: list[tuple[float, float, int]]
     previews: list[list[jax.Array]] | None = None
+    dopri5_stats: list[dict] | None = None
 
 
 def steps_per_segment(path: MultiScalePath, total_steps: int) -> tuple[int, ...]:
@@ -97,7 +110,9 @@ def _fixed_step_segment(velocity_fn: VelocityFn, args, states, t0, t1, *, method
 
 
 @functools.partial(jax.jit, static_argnames=("velocity_fn", "initial_steps"))
-def _dopri5_segment(velocity_fn: VelocityFn, args, states, t0, t1, rtol, atol, *, initial_steps: int):
+def _dopri5_segment_diffrax(velocity_fn: VelocityFn, args, states, t0, t1, rtol, atol, *, initial_steps: int):
+    """The library reference (diffrax Dopri5 + PIDController, one cold start per segment, RMS over
+    the whole batch): what `sample` did before `Dopri5Options`; kept for tests and comparisons."""
     batch = states[0].shape[0]
     term = diffrax.ODETerm(lambda t, y, a: tuple(velocity_fn(a, list(y), _broadcast_time(t, batch, y[0].dtype))))
     solution = diffrax.diffeqsolve(
@@ -110,12 +125,164 @@ def _dopri5_segment(velocity_fn: VelocityFn, args, states, t0, t1, rtol, atol, *
     return final, nfe
 
 
+# --- Adaptive dopri5 across segments -------------------------------------------------------------
+
+# Dormand-Prince 5(4): nodes, stage coefficients, 5th-order weights, and the error weights
+# (5th minus embedded 4th order; the last one multiplies the FSAL derivative at the step's end).
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
+_DP_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+         (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+         (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656))
+_DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
+# diffrax's error weights are 2/3 of Hairer's b - b_hat (71/57600, ..., -1/40); we use diffrax's,
+# so a tolerance means what it meant with the library (the factor only rescales the tolerance).
+_DP_E = tuple(2 / 3 * e for e in (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40))
+
+ERROR_NORMS = ("image", "state")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dopri5Options:
+    """How the adaptive solver treats the windows and measures its error (config sample.dopri5_*).
+
+    carry_step: start each segment with the step size the previous one ended with (the last
+      accepted step's proposal; if the segment end cut that step short, the uncut step), instead
+      of a cold start at (segment length / initial steps). A window start adds a scale but does
+      not make the coarse scales' dynamics any stiffer, so the step that was good just before is
+      the best guess just after; if the joining scale needs less, the controller rejects and
+      shrinks (6 evaluations per rejection, against a whole ramp-up from a tiny step).
+    error_norm: "image": the error is measured on the image the scales make: the per-scale error
+      estimates (normalised units) are de-normalised and reconstructed with `to_image` (linear,
+      so this is exactly the image's error), scaled by atol + rtol * |image| per pixel, and
+      RMS'd over the pixels. Each scale then counts by what it contributes to the output: a
+      coarse element covers 4^k pixels, a residual counts at its sigma. "state": diffrax's
+      default, RMS over every element of every active scale in normalised units (the finest
+      scale, with most elements and unit variance, dominates, although its pixel error is its
+      sigma times smaller).
+    per_sample: each sample has its own time and step size (the RMS is over its own pixels), so
+      sample i does not depend on which other samples share its batch; False: one step size
+      for the batch from the RMS over all samples (diffrax's behaviour on a batched state).
+    time_bins: resolution of the per-t step table (`SampleResult.dopri5_stats`).
+    """
+
+    carry_step: bool = True
+    error_norm: str = "image"
+    per_sample: bool = True
+    safety: float = 0.9
+    factor_min: float = 0.2
+    factor_max: float = 10.0
+    max_steps: int = 100_000
+    time_bins: int = 20
+
+    def __post_init__(self):
+        if self.error_norm not in ERROR_NORMS:
+            raise ValueError(f"dopri5 error norm {self.error_norm!r} is not one of {ERROR_NORMS}.")
+
+
+# The solver as it was before the options existed (diffrax's controller, no carry, batch RMS).
+DOPRI5_RESTART = Dopri5Options(carry_step=False, error_norm="state", per_sample=False)
+
+
+def _with_absent(xs, num_absent: int):
+    """Active scales (finest first) -> all scales, zeros for the `num_absent` finer ones."""
+    b, h, w, c = xs[0].shape
+    return [jnp.zeros((b, h << (num_absent - j), w << (num_absent - j), c), xs[0].dtype)
+            for j in range(num_absent)] + list(xs)
+
+
+def _scaled_rms(err, y0, y1, rtol, atol, *, to_image, num_absent: int) -> jax.Array:
+    """Per-sample RMS of err / (atol + rtol * max(|y0|, |y1|)): [B]."""
+    if to_image is not None:
+        err, y0, y1 = (to_image(_with_absent(x, num_absent)) for x in (err, y0, y1))
+        err, y0, y1 = [err], [y0], [y1]
+    flat = lambda xs: jnp.concatenate([x.reshape(x.shape[0], -1) for x in xs], axis=1)
+    err, y0, y1 = flat(err), flat(y0), flat(y1)
+    scaled = err / (atol + rtol * jnp.maximum(jnp.abs(y0), jnp.abs(y1)))
+    return jnp.sqrt(jnp.mean(jnp.square(scaled), axis=1))
+
+
+def _per_sample(h, x):
+    return h.reshape((-1,) + (1,) * (x.ndim - 1)) * x
+
+
+@functools.partial(jax.jit, static_argnames=("velocity_fn", "options", "to_image", "num_absent"))
+def _dopri5_segment(velocity_fn: VelocityFn, args, states, t0, t1, h0, rtol, atol, *, options: Dopri5Options,
+                    to_image=None, num_absent: int = 0):
+    """Dopri5 from t0 to t1 with per-sample time and step size (shared when not options.per_sample).
+
+    states: the active scales, finest first, [B, ...]; h0: [B] first step tried per sample.
+    Returns (states at t1, h [B] to carry into the next segment, stats): stats holds "batch_nfe"
+    (evaluations the batch paid: 1 + 6 per loop iteration), "nfe" [B] (evaluations while each
+    sample was still integrating), "accepted"/"rejected" [B], and "accepted_t"/"rejected_t"
+    [B, time_bins]: the steps attempted, by the global-time bin they start in.
+    """
+    batch = states[0].shape[0]
+    dtype = states[0].dtype
+    bins = options.time_bins
+    f = lambda ys, t: velocity_fn(args, ys, t.astype(dtype))
+    norm = functools.partial(_scaled_rms, rtol=rtol, atol=atol, to_image=to_image, num_absent=num_absent)
+    # Time and step sizes in the states' dtype (float64 under jax_enable_x64).
+    t_start = jnp.full((batch,), t0, dtype)
+    zeros_b = jnp.zeros((batch,), jnp.int32)
+    init = dict(t=t_start, h=jnp.asarray(h0, dtype), y=list(states), k1=f(states, t_start),
+                h_carry=jnp.asarray(h0, dtype), iters=jnp.zeros((), jnp.int32), nfe=zeros_b + 1,
+                accepted=zeros_b, rejected=zeros_b, accepted_t=jnp.zeros((batch, bins), jnp.int32),
+                rejected_t=jnp.zeros((batch, bins), jnp.int32))
+
+    def cond(c):
+        return jnp.any(c["t"] < t1) & (c["iters"] < options.max_steps)
+
+    def body(c):
+        t, h, y = c["t"], c["h"], c["y"]
+        active = t < t1
+        clipped = h >= t1 - t
+        step = jnp.where(active, jnp.minimum(h, t1 - t), 0.0)
+        ks = [c["k1"]]
+        for i in range(1, 6):
+            yi = [x + sum(_per_sample(step * a, k[n]) for a, k in zip(_DP_A[i], ks) if a)
+                  for n, x in enumerate(y)]
+            ks.append(f(yi, t + _DP_C[i] * step))
+        y5 = [x + sum(_per_sample(step * b, k[n]) for b, k in zip(_DP_B, ks) if b) for n, x in enumerate(y)]
+        ks.append(f(y5, t + step))
+        err = [sum(_per_sample(step * e, k[n]) for e, k in zip(_DP_E, ks) if e) for n in range(len(y))]
+        ratio = norm(err, y, y5)
+        if not options.per_sample:
+            # One step for the batch: the RMS over all samples' elements (equal counts per sample).
+            ratio = jnp.full_like(ratio, jnp.sqrt(jnp.mean(jnp.square(ratio))))
+        accept = active & (ratio < 1)
+        # diffrax's I controller (PIDController defaults): safety * ratio^(-1/5), never shrinking
+        # after an accepted step, never growing after a rejected one.
+        factor = jnp.clip(options.safety * jnp.where(ratio > 0, ratio, 1e-10) ** -0.2,
+                          jnp.where(accept, 1.0, options.factor_min),
+                          jnp.where(accept, options.factor_max, options.safety))
+        h_next = jnp.where(active, step * factor, h)
+        # The segment end, not the error, cut a step short: carry the step it was cut from.
+        carry = jnp.where(accept & clipped, jnp.maximum(h_next, h), h_next)
+        keep = lambda new, old: [jnp.where(accept.reshape((-1,) + (1,) * (o.ndim - 1)), n, o)
+                                 for n, o in zip(new, old)]
+        which = jnp.clip((t * bins).astype(jnp.int32), 0, bins - 1)
+        hit = jax.nn.one_hot(which, bins, dtype=jnp.int32)
+        return dict(t=jnp.where(accept, jnp.where(clipped, t1, t + step), t), h=h_next,
+                    y=keep(y5, y), k1=keep(ks[-1], c["k1"]),
+                    h_carry=jnp.where(accept, carry, c["h_carry"]), iters=c["iters"] + 1,
+                    nfe=c["nfe"] + 6 * active, accepted=c["accepted"] + accept,
+                    rejected=c["rejected"] + (active & ~accept),
+                    accepted_t=c["accepted_t"] + hit * accept[:, None],
+                    rejected_t=c["rejected_t"] + hit * (active & ~accept)[:, None])
+
+    out = jax.lax.while_loop(cond, body, init)
+    stats = {k: out[k] for k in ("nfe", "accepted", "rejected", "accepted_t", "rejected_t")}
+    stats["batch_nfe"] = 1 + 6 * out["iters"]
+    return out["y"], out["h_carry"], stats
+
+
 def segment_program(velocity_fn: VelocityFn, args, states, t0: float, t1: float, *, method: str, num_steps: int,
                     rtol: float = 1e-3, atol: float = 1e-3) -> jax.stages.Lowered:
     """The program `sample` runs for one segment, lowered for these (possibly abstract) inputs:
     for ahead-of-time compile checks. Arguments as `sample`; states are the active scales'."""
     if method == "dopri5":
-        return _dopri5_segment.lower(velocity_fn, args, states, t0, t1, rtol, atol, initial_steps=num_steps)
+        h0 = jnp.full((states[0].shape[0],), (t1 - t0) / num_steps, states[0].dtype)
+        return _dopri5_segment.lower(velocity_fn, args, states, t0, t1, h0, rtol, atol, options=Dopri5Options())
     return _fixed_step_segment.lower(velocity_fn, args, states, t0, t1, method=method, num_steps=num_steps)
 
 
@@ -128,7 +295,7 @@ def _preview(velocity_fn: VelocityFn, args, states, t, *, path: MultiScalePath):
 
 def sample(velocity_fn: VelocityFn, args, path: MultiScalePath, noise: Sequence[jax.Array], *,
            method: str = "heun", steps: Sequence[int] | int = 50, rtol: float = 1e-3, atol: float = 1e-3,
-           previews: bool = False) -> SampleResult:
+           previews: bool = False, dopri5: Dopri5Options = Dopri5Options(), to_image=None) -> SampleResult:
     """Integrates the multi-scale ODE from noise (t = 0) to data (t = 1).
 
     Args:
@@ -142,6 +309,11 @@ def sample(velocity_fn: VelocityFn, args, path: MultiScalePath, noise: Sequence[
       steps: fixed steps per segment (a sequence, in time order) or a total split in proportion to
         segment lengths; for dopri5 the initial step count per segment.
       rtol, atol: dopri5 tolerances.
+      dopri5: how dopri5 crosses window starts and measures its error (`Dopri5Options`).
+      to_image: for dopri5's "image" error norm, the linear map from all scales (finest first,
+        normalised) to the image, e.g. de-normalise and reconstruct; a static jit argument, so
+        hashable and the same object call after call (see `image_fn`). None: the norm falls back
+        to "state" (RMS over the normalised scales).
       previews: also return the clean-image estimate at each segment end.
 
     Returns:
@@ -157,13 +329,23 @@ def sample(velocity_fn: VelocityFn, args, path: MultiScalePath, noise: Sequence[
         raise ValueError(f"steps per segment {per_segment} must be {len(segments)} positive integers.")
 
     states: list[jax.Array] = []
-    nfes, boundary_previews = [], []
+    nfes, boundary_previews, stats = [], [], []
+    h = None
+    image = to_image if dopri5.error_norm == "image" else None
     for (t0, t1, finest), n in zip(segments, per_segment):
         # The scale joining at t0 enters as noise scaled as the path says (alpha = 0 there).
         states = [path.entry_noise_scale(finest) * noise[finest]] + states
         if method == "dopri5":
-            states, nfe = _dopri5_segment(velocity_fn, args, states, t0, t1, rtol, atol, initial_steps=n)
-            nfes.append(int(nfe))
+            if h is None or not dopri5.carry_step:
+                h = jnp.full((noise[0].shape[0],), (t1 - t0) / n, noise[0].dtype)
+            h_start = h
+            # carry_step acts here, between segments: leave it out of the segment's (static)
+            # options so that carrying or not runs the same compiled program.
+            states, h, seg = _dopri5_segment(velocity_fn, args, states, t0, t1, h, rtol, atol,
+                                             options=dataclasses.replace(dopri5, carry_step=False),
+                                             to_image=image, num_absent=finest)
+            nfes.append(int(seg.pop("batch_nfe")))
+            stats.append({**jax.tree.map(np.asarray, seg), "h_start": np.asarray(h_start)})
         else:
             states = _fixed_step_segment(velocity_fn, args, states, t0, t1, method=method, num_steps=n)
             nfes.append(n * (1 if method == "euler" else 2))
@@ -172,7 +354,19 @@ def sample(velocity_fn: VelocityFn, args, path: MultiScalePath, noise: Sequence[
             clean = states if t1 >= 1.0 else _preview(velocity_fn, args, states, t1, path=path)
             boundary_previews.append([jnp.zeros_like(noise[k]) for k in range(finest)] + list(clean))
     return SampleResult(residuals=states, nfe_per_segment=tuple(nfes), segments=segments,
-                        previews=boundary_previews if previews else None)
+                        previews=boundary_previews if previews else None,
+                        dopri5_stats=stats if method == "dopri5" else None)
+
+
+@functools.lru_cache(maxsize=None)
+def image_fn(sigmas: tuple[float, ...], up: str) -> Callable[[list[jax.Array]], jax.Array]:
+    """De-normalise (per-scale sigmas) and reconstruct: the `to_image` of `sample`. Cached, so the
+    same settings give the same (hashable) function and dopri5 compiles once."""
+    return functools.partial(_image, tuple(float(x) for x in sigmas), up)
+
+
+def _image(sigmas, up, residuals):
+    return pyramid.reconstruct(pyramid.denormalize(list(residuals), sigmas), up=up)
 
 
 # --- Model velocity functions -------------------------------------------------------------------

@@ -96,3 +96,82 @@ def test_splash_under_shard_map_matches_xla_values_and_gradients():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     text = loss("splash").lower(qs, ks, vs).as_text()
     assert "sdy.manual_computation" in text or "shard_map" in text  # the kernel is per device
+
+
+# --- Attention patterns (config model.attention_mask) ---------------------------------------------
+
+# Which scales' keys a query of scale i sees, written out by hand (rows: query scale, columns: key
+# scale, finest first, 3 active scales): the method, the "none" ablation, the self-only ablation.
+EXPECTED_VISIBILITY = {
+    "block_causal": [[1, 1, 1],
+                     [0, 1, 1],
+                     [0, 0, 1]],
+    "full": [[1, 1, 1],
+             [1, 1, 1],
+             [1, 1, 1]],
+    "self": [[1, 0, 0],
+             [0, 1, 0],
+             [0, 0, 1]],
+}
+
+
+def read_visibility(fn, lengths):
+    """Reads the scale-to-scale visibility off the outputs: entry (i, j) is 1 when perturbing
+    scale j's keys and values changes scale i's outputs at all, 0 when they stay bit-identical."""
+    qs, ks, vs = random_qkv(lengths)
+    base = fn(qs, ks, vs)
+    seen = np.zeros((len(lengths),) * 2, int)
+    for j in range(len(lengths)):
+        bump = lambda xs: [x + (3.0 * jax.random.normal(jax.random.key(40 + j), x.shape) if i == j else 0.0)
+                           for i, x in enumerate(xs)]
+        out = fn(qs, bump(ks), bump(vs))
+        for i in range(len(lengths)):
+            change = float(jnp.abs(out[i] - base[i]).max())
+            assert change == 0.0 or change > 1e-3, f"scale {i} moved by only {change} when scale {j} changed"
+            seen[i, j] = change > 0
+    return seen
+
+
+@pytest.mark.parametrize("mask", attention.MASKS)
+@pytest.mark.parametrize("backend", ["xla", "masked", "splash"])
+def test_each_pattern_visibility_read_off_outputs(backend, mask):
+    fn = lambda q, k, v: attention.multiscale_attention(q, k, v, backend=backend, mask=mask)
+    np.testing.assert_array_equal(read_visibility(fn, (16, 4, 1)), EXPECTED_VISIBILITY[mask])
+
+
+@pytest.mark.parametrize("mask", attention.MASKS)
+def test_visibility_mask_blocks(mask):
+    # Tokens ordered coarsest first: scale 2 (1 token), scale 1 (2), scale 0 (3).
+    m = attention.visibility_mask((3, 2, 1), mask)
+    block = np.repeat([2, 1, 0], [1, 2, 3])  # scale of each token
+    expected = np.array(EXPECTED_VISIBILITY[mask])[block[:, None], block[None, :]].astype(bool)
+    np.testing.assert_array_equal(m, expected)
+
+
+@pytest.mark.parametrize("mask", attention.MASKS)
+@pytest.mark.parametrize("backend", ["xla", "splash"])
+def test_every_pattern_matches_masked_reference(backend, mask):
+    # Two active scales (a stage where the finest has not started), 9 tokens padded to one splash
+    # block of 128: the padding keys must stay invisible under "full" too, or the output mixes in
+    # zeros from keys that belong to no scale.
+    lengths = (8, 1)
+    qs, ks, vs = random_qkv(lengths)
+    reference = attention.masked_attention(qs, ks, vs, mask=mask)
+    out = attention.multiscale_attention(qs, ks, vs, backend=backend, mask=mask)
+    assert max_rel_err(out, reference) < 1e-5
+
+
+def test_full_attention_sees_only_the_active_scales():
+    # Full attention over the two active scales is one plain attention over exactly their tokens:
+    # nothing of an absent (not yet started) scale, e.g. zero tokens, takes part.
+    qs, ks, vs = random_qkv((8, 2))
+    out = attention.multiscale_attention(qs, ks, vs, backend="xla", mask="full")
+    cat = lambda xs: jnp.concatenate(list(reversed(xs)), axis=1)
+    plain = attention.dense_attention(cat(qs), cat(ks), cat(vs))
+    np.testing.assert_allclose(cat(out), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_mask_is_a_clear_error():
+    qs, ks, vs = random_qkv((4, 1))
+    with pytest.raises(ValueError, match="attention mask 'causal'"):
+        attention.multiscale_attention(qs, ks, vs, mask="causal")

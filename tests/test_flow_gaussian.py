@@ -124,8 +124,11 @@ def affine_map(path, method, field="full"):
     basis = np.concatenate([np.zeros((1, dim)), np.eye(dim)])  # n = 0, then every e_j: [D + 1, D]
     noise = [jnp.asarray(part.reshape(-1, h, w, 1))
              for part, (h, w) in zip(np.split(basis, np.cumsum(sizes)[:-1], axis=1), shapes)]
+    # One step sequence for every row (dopri5's per_sample=False): the sampler is an affine map of
+    # the noise only if every row is integrated with the same steps (and the fields read t[0]).
     result = sampling.sample(functools.partial(FIELDS[field], path), (tuple(means), tuple(covs)), path, noise,
-                             method=method, steps=STEPS, rtol=1e-6, atol=1e-6)
+                             method=method, steps=STEPS, rtol=1e-6, atol=1e-6,
+                             dopri5=sampling.Dopri5Options(per_sample=False))
     y = np.concatenate([np.asarray(r).reshape(dim + 1, -1) for r in result.residuals], axis=1)
     x = np.asarray(pyramid.reconstruct(result.residuals)).reshape(dim + 1, -1)
     return (y[0], (y[1:] - y[0]).T), (x[0], (x[1:] - x[0]).T), result.nfe_per_segment

@@ -169,3 +169,152 @@ def test_guidance_needs_the_null_class_row(dropout):
     else:
         with pytest.raises(ValueError, match="guidance needs the null class 3, but the model's class embedding has 3"):
             jax.eval_shape(fn, (state, labels), states, t)
+
+
+# --- dopri5 across window starts -----------------------------------------------------------------
+
+def toy_velocity(args, states, t):
+    """A nonlinear, time-varying field on every active scale (cheap; adaptive steps vary along t)."""
+    tt = t[:, None, None, None]
+    return [args * jnp.sin(6 * tt) * x + jnp.cos(2 * x) * (1 + 3 * tt ** 2) for x in states]
+
+
+TOY_PATH = MultiScalePath((2 / 3, 1 / 3, 0.0), "global")
+TOY_IMAGE = sampling.image_fn((0.3, 0.5, 1.0), "bilinear")
+
+
+def toy_noise(batch, seed=0):
+    return [jax.random.normal(jax.random.key(seed + k), (batch, 16 >> k, 16 >> k, 1)) for k in range(3)]
+
+
+def toy_sample(noise, options, tol=1e-5, **kwargs):
+    return sampling.sample(toy_velocity, jnp.float32(2.0), TOY_PATH, noise, method="dopri5", steps=30, rtol=tol,
+                           atol=tol, dopri5=options, to_image=TOY_IMAGE, **kwargs)
+
+
+def test_dopri5_without_the_changes_is_diffrax_step_for_step():
+    noise = toy_noise(4)
+    ours = toy_sample(noise, sampling.DOPRI5_RESTART)
+    states, nfe = [], []
+    for t0, t1, finest in TOY_PATH.segments():
+        states = [TOY_PATH.entry_noise_scale(finest) * noise[finest]] + states
+        states, n = sampling._dopri5_segment_diffrax(toy_velocity, jnp.float32(2.0), states, t0, t1, 1e-5, 1e-5,
+                                                     initial_steps=10)
+        nfe.append(int(n))
+    assert ours.nfe_per_segment == tuple(nfe) == (19, 37, 37)
+    for a, b in zip(ours.residuals, states):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_window_start_does_not_reset_the_step_size():
+    noise = toy_noise(4)
+    carried = toy_sample(noise, sampling.Dopri5Options())
+    cold = toy_sample(noise, sampling.Dopri5Options(carry_step=False))
+    lengths = [t1 - t0 for t0, t1, _ in TOY_PATH.segments()]
+    # The step each segment starts with, per sample: the first segment's is the cold start; after a
+    # window start it is the step the previous segment ended with, not (segment length) / 10 again.
+    for seg, length in zip(carried.dopri5_stats, lengths):
+        assert seg["h_start"].shape == (4,)
+    np.testing.assert_allclose(carried.dopri5_stats[0]["h_start"], lengths[0] / 10, rtol=1e-6)
+    for i in (1, 2):
+        np.testing.assert_allclose(cold.dopri5_stats[i]["h_start"], lengths[i] / 10, rtol=1e-6)
+        assert carried.dopri5_stats[i]["h_start"].min() > 3 * lengths[i] / 10
+    # ...and it is the step the previous segment handed over: rerun segment 0 alone and read it.
+    t0, t1, finest = TOY_PATH.segments()[0]
+    _, h_out, _ = sampling._dopri5_segment(toy_velocity, jnp.float32(2.0), [noise[2]], t0, t1,
+                                           jnp.full((4,), lengths[0] / 10), 1e-5, 1e-5,
+                                           options=sampling.Dopri5Options(), to_image=TOY_IMAGE, num_absent=2)
+    np.testing.assert_array_equal(carried.dopri5_stats[1]["h_start"], np.asarray(h_out))
+    # The step actually used after the boundary is that one: no ramp-up, so the carried solve
+    # needs fewer evaluations after each window start.
+    for i in (1, 2):
+        assert carried.dopri5_stats[i]["nfe"].mean() < cold.dopri5_stats[i]["nfe"].mean()
+        assert carried.dopri5_stats[i]["accepted"].mean() < cold.dopri5_stats[i]["accepted"].mean()
+
+
+@pytest.mark.parametrize("options", [sampling.Dopri5Options(), sampling.Dopri5Options(per_sample=False),
+                                     sampling.DOPRI5_RESTART], ids=["carried", "batch_norm", "restart"])
+def test_dopri5_matches_a_tight_fixed_step_solve(options):
+    noise = toy_noise(4)
+    exact = sampling.sample(toy_velocity, jnp.float32(2.0), TOY_PATH, noise, method="heun", steps=3000)
+    for tol, bound in ((1e-5, 2e-4), (1e-7, 2e-5)):
+        out = toy_sample(noise, options, tol=tol)
+        err = max(float(jnp.abs(a - b).max()) for a, b in zip(out.residuals, exact.residuals))
+        assert err < bound, (tol, err)
+
+
+def test_per_sample_steps_do_not_couple_samples():
+    big, small = toy_noise(16), None
+    small = [x[:4] for x in big]
+    out16 = toy_sample(big, sampling.Dopri5Options())
+    out4 = toy_sample(small, sampling.Dopri5Options())
+    # The same steps, sample by sample; values equal up to float rounding (XLA vectorises a batch
+    # of 4 and one of 16 differently: ~1 ulp), i.e. no coupling.
+    for a, b in zip(out4.dopri5_stats, out16.dopri5_stats):
+        for key in ("nfe", "accepted", "rejected", "accepted_t"):
+            np.testing.assert_array_equal(a[key], b[key][:4])
+        np.testing.assert_allclose(a["h_start"], b["h_start"][:4], rtol=1e-4)
+    per_sample = max(float(jnp.abs(a - b[:4]).max()) for a, b in zip(out4.residuals, out16.residuals))
+    # One step size for the batch couples them: the same first four samples change with batch-mates.
+    shared16 = toy_sample(big, sampling.Dopri5Options(per_sample=False))
+    shared4 = toy_sample(small, sampling.Dopri5Options(per_sample=False))
+    shared = max(float(jnp.abs(a - b[:4]).max()) for a, b in zip(shared4.residuals, shared16.residuals))
+    assert per_sample < 1e-6 and shared > 1e-5, (per_sample, shared)
+    # What the batch pays is what its slowest sample needs.
+    assert out16.nfe_per_segment == tuple(int(s["nfe"].max()) for s in out16.dopri5_stats)
+
+
+def test_step_table_counts_every_step():
+    out = toy_sample(toy_noise(4), sampling.Dopri5Options())
+    for seg, (t0, t1, _) in zip(out.dopri5_stats, TOY_PATH.segments()):
+        np.testing.assert_array_equal(seg["accepted_t"].sum(1), seg["accepted"])
+        np.testing.assert_array_equal(seg["rejected_t"].sum(1), seg["rejected"])
+        np.testing.assert_array_equal(seg["nfe"], 1 + 6 * (seg["accepted"] + seg["rejected"]))
+        bins = np.nonzero(seg["accepted_t"].sum(0))[0]
+        assert bins.min() >= int(t0 * 20) and bins.max() <= min(int(t1 * 20), 19)
+
+
+def test_image_norm_weighs_each_scale_by_its_share_of_the_image():
+    # sigmas (0.3, 0.5, 1.0): an error of 1 per element on the finest residual moves every pixel by
+    # 0.3; a constant error of 1 on the coarsest (upsampled to every pixel) moves every pixel by 1.
+    # RMS over the image, atol only: 0.3 and 1.0 (the normalised-state RMS would give
+    # sqrt(256/336) = 0.87 and sqrt(16/336) = 0.22 for the same errors: the reverse ranking).
+    shapes = [(2, 16, 16, 1), (2, 8, 8, 1), (2, 4, 4, 1)]
+    zero = [jnp.zeros(s) for s in shapes]
+    fine = [jnp.ones(shapes[0])] + zero[1:]
+    coarse = zero[:2] + [jnp.ones(shapes[2])]
+    norm = lambda err, image: sampling._scaled_rms(err, zero, zero, 0.0, 1.0, to_image=image, num_absent=0)
+    np.testing.assert_allclose(norm(fine, TOY_IMAGE), [0.3, 0.3], rtol=1e-6)
+    np.testing.assert_allclose(norm(coarse, TOY_IMAGE), [1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(norm(fine, None), [np.sqrt(256 / 336)] * 2, rtol=1e-6)
+    np.testing.assert_allclose(norm(coarse, None), [np.sqrt(16 / 336)] * 2, rtol=1e-6)
+    # With the finest scale absent (its window has not started) the image is made of the rest.
+    np.testing.assert_allclose(sampling._scaled_rms(coarse[1:], zero[1:], zero[1:], 0.0, 1.0, to_image=TOY_IMAGE,
+                                                    num_absent=1), [1.0, 1.0], rtol=1e-6)
+
+
+def test_config_names_the_dopri5_norm_field():
+    c = config_lib.base_config()
+    c.sample.dopri5_norm = "pixels"
+    with pytest.raises(ValueError, match="config.sample.dopri5_norm='pixels'"):
+        config_lib.validate(c)
+
+
+def test_dopri5_sample_runs_of_the_old_solver_are_not_resumed_with_the_new(tmp_path):
+    # settings.json of a dopri5 run made before the dopri5_* fields existed: it used the cold-start,
+    # state-norm, batch-step solver; resuming it with the new default would mix two solvers' batches.
+    config = tiny_config(**{"sample.method": "dopri5"})
+    sample._check_settings(config, tmp_path, seed=0, primary=True)
+    recorded = json.loads((tmp_path / "settings.json").read_text())
+    old = {k: v for k, v in recorded.items() if "dopri5_" not in k}
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="sample.dopri5_carry_step: earlier False, now True"):
+        sample._check_settings(config, tmp_path, seed=0, primary=True)
+    with config.unlocked():
+        config.sample.dopri5_carry_step, config.sample.dopri5_norm, config.sample.dopri5_per_sample = False, "state", False
+    sample._check_settings(config, tmp_path, seed=0, primary=True)  # the old solver: accepted
+    # Other methods record no dopri5 fields (their earlier runs' settings stay valid).
+    heun = tiny_config(**{"sample.method": "heun"})
+    (tmp_path / "heun").mkdir()
+    sample._check_settings(heun, tmp_path / "heun", seed=0, primary=True)
+    assert not any("dopri5" in k for k in json.loads((tmp_path / "heun" / "settings.json").read_text()))

@@ -4,7 +4,8 @@ Each scale is an "expert": it has its own patch embedding, final layer and, in e
 own adaLN modulation, QKV and output projections and MLP. Experts' weights are stored stacked
 along a leading `scale` axis ([L, ...]) so one parameter holds all scales and shards as one.
 Self-attention is global over the tokens of all active scales with block-causal visibility
-(fine sees coarse, never the reverse), see `attention.py`. With one scale the model is exactly
+(fine sees coarse, never the reverse; `attention_mask` "full" or "self" for the paper's
+ablations), see `attention.py`. With one scale the model is exactly
 DiT (Peebles & Xie 2023) used as a SiT-style velocity model: the single-scale baseline.
 
 Conditioning is DiT's adaLN-Zero on (time embedding + class embedding). Class conditioning
@@ -155,10 +156,11 @@ class MoTBlock(nnx.Module):
     """A DiT block whose every weight is per scale, with block-causal global attention."""
 
     def __init__(self, num_scales: int, hidden: int, num_heads: int, mlp_ratio: float, *,
-                 attention_backend: str, dtype, rngs: nnx.Rngs):
+                 attention_backend: str, attention_mask: str = "block_causal", dtype, rngs: nnx.Rngs):
         mlp_hidden = int(hidden * mlp_ratio)
         self.num_heads = num_heads
         self.attention_backend = attention_backend
+        self.attention_mask = attention_mask
         self.adaln = ScaleDense(num_scales, hidden, 6 * hidden, ("embed", "modulation"), zero_init=True, dtype=dtype,
                                 rngs=rngs)
         self.qkv = ScaleDense(num_scales, hidden, 3 * hidden, ("embed", "qkv"), dtype=dtype, rngs=rngs)
@@ -183,7 +185,8 @@ class MoTBlock(nnx.Module):
             qkv = qkv.reshape(b, n, self.num_heads, 3, -1)
             q, kk, v = (parallel.constrain(qkv[:, :, :, i], HEADS) for i in range(3))
             qs.append(q), ks.append(kk), vs.append(v)
-        attended = attention.block_causal_attention(qs, ks, vs, backend=self.attention_backend)
+        attended = attention.multiscale_attention(qs, ks, vs, backend=self.attention_backend,
+                                                  mask=self.attention_mask)
         outputs = []
         for x, k, mod, o in zip(xs, scales, mods, attended):
             b, n = o.shape[:2]
@@ -207,6 +210,8 @@ class MoT(nnx.Module):
       num_classes: 0 for unconditional; otherwise labels in [0, num_classes) and the null class
         `num_classes` (used for classifier-free guidance) when `class_dropout > 0`.
       attention_backend: see `attention.BACKENDS`.
+      attention_mask: visibility between scales, one of `attention.MASKS` ("block_causal" is the
+        method; "full" and "self" are the paper's ablations).
       time_scale: t in [0, 1] is multiplied by this before the sinusoidal embedding, so the
         embedding sees DiT's range of frequencies.
       dtype: compute dtype; parameters stay float32.
@@ -218,7 +223,7 @@ class MoT(nnx.Module):
     def __init__(self, *, image_shape: tuple[int, int, int], num_scales: int, patch_sizes: Sequence[int],
                  hidden_size: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
                  num_classes: int = 0, class_dropout: float = 0.1, attention_backend: str = "xla",
-                 time_scale: float = 1000.0, dtype=jnp.float32, remat: str = "none", scan_layers: bool = False,
+                 attention_mask: str = "block_causal", time_scale: float = 1000.0, dtype=jnp.float32, remat: str = "none", scan_layers: bool = False,
                  rngs: nnx.Rngs):
         height, width, channels = image_shape
         if len(patch_sizes) != num_scales:
@@ -227,6 +232,8 @@ class MoT(nnx.Module):
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}.")
         if attention_backend not in attention.BACKENDS:
             raise ValueError(f"attention_backend {attention_backend!r} is not one of {attention.BACKENDS}.")
+        if attention_mask not in attention.MASKS:
+            raise ValueError(f"attention_mask {attention_mask!r} is not one of {attention.MASKS}.")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat {remat!r} is not one of {tuple(REMAT_POLICIES)}.")
         self.remat = remat
@@ -267,7 +274,8 @@ class MoT(nnx.Module):
             self.scale_embed = _param(nnx.initializers.normal(0.02), ("scale", "embed"), rngs,
                                       (num_scales, hidden_size))
         make_block = lambda r: MoTBlock(num_scales, hidden_size, num_heads, mlp_ratio,
-                                        attention_backend=attention_backend, dtype=dtype, rngs=r)
+                                        attention_backend=attention_backend, attention_mask=attention_mask,
+                                        dtype=dtype, rngs=r)
         if self.scan_layers:
             # One MoTBlock whose every weight has a leading 'layers' axis; each layer draws its
             # own keys (split_rngs), as separately built blocks would.
@@ -401,3 +409,45 @@ def unstack_blocks(params: dict) -> dict:
     blocks, rest = _split_blocks(params)
     depth = jax.tree.leaves(blocks)[0].shape[0]
     return {**rest, "blocks": {i: jax.tree.map(lambda x: x[i], blocks) for i in range(depth)}}
+
+
+ARCHITECTURES = ("mot", "separate")
+
+
+class SeparateScaleModels(nnx.Module):
+    """The paper's "separate per-scale models" ablation, as we read it: scale k has a transformer
+    of its own (its own embeddings, blocks and conditioning, nothing shared with other scales)
+    that reads the tokens of scale k and of every coarser scale and predicts scale k's velocity
+    only. Each is a `MoT` over scales k..L-1 (inside it, the same per-scale projections and
+    visibility as the MoT), of which the finest output is kept. The coarse tokens are thus
+    processed once per finer scale, by different weights: about L times the parameters and more
+    FLOPs per call than one MoT (paper: 38.9 vs 16.5 GFLOPs, FID 3.60 vs 3.53).
+
+    Same constructor arguments and call as `MoT`; with one scale it is one MoT (DiT).
+    """
+
+    def __init__(self, *, image_shape: tuple[int, int, int], num_scales: int, patch_sizes: Sequence[int],
+                 rngs: nnx.Rngs, **kwargs):
+        if len(patch_sizes) != num_scales:
+            raise ValueError(f"patch_sizes={tuple(patch_sizes)} must have one entry per scale ({num_scales}).")
+        height, width, channels = image_shape
+        self.num_scales = num_scales
+        self.models = nnx.List([
+            MoT(image_shape=(height >> k, width >> k, channels), num_scales=num_scales - k,
+                patch_sizes=tuple(patch_sizes[k:]), rngs=rngs, **kwargs) for k in range(num_scales)])
+
+    @property
+    def class_embed(self):
+        """The finest model's class table (every model has one of the same size): what guidance checks."""
+        return self.models[0].class_embed
+
+    @property
+    def null_class(self) -> int:
+        return self.models[0].null_class
+
+    def __call__(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None = None) -> list[jax.Array]:
+        """As `MoT.__call__`: states of the active scales f..L-1, finest first -> their velocities."""
+        first = self.num_scales - len(states)
+        if not 0 <= first < self.num_scales:
+            raise ValueError(f"got {len(states)} scale states; the model has {self.num_scales} scales.")
+        return [self.models[k](states[k - first:], t, labels)[0] for k in range(first, self.num_scales)]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lapflow_jax.models.mot import MoT
+from lapflow_jax.models.mot import ARCHITECTURES, MoT, SeparateScaleModels
 
 # name: (hidden_size, depth, num_heads), as in DiT (Peebles & Xie 2023, Table 1).
 PRESETS = {
@@ -38,7 +38,11 @@ def build_model(config: ml_collections.ConfigDict, *, image_shape: tuple[int, in
     hidden, depth, heads = model_size(config.model)
     if config.model.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}.")
-    return MoT(
+    architecture = config.model.get("architecture", "mot")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"config.model.architecture={architecture!r} is not one of {ARCHITECTURES}.")
+    model_class = SeparateScaleModels if architecture == "separate" else MoT
+    return model_class(
         image_shape=image_shape,
         num_scales=config.num_scales,
         patch_sizes=tuple(config.model.patch_sizes),
@@ -47,6 +51,7 @@ def build_model(config: ml_collections.ConfigDict, *, image_shape: tuple[int, in
         num_classes=num_classes,
         class_dropout=config.model.class_dropout,
         attention_backend=config.model.attention_backend,
+        attention_mask=config.model.get("attention_mask", "block_causal"),
         time_scale=config.model.time_scale,
         dtype=DTYPES[config.model.dtype],
         remat=config.model.get("remat", "none"),
