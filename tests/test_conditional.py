@@ -236,3 +236,59 @@ def test_inversion_without_time_order_misses_the_conditional(monkeypatch):
     errs = schur_errors(law, joint)
     print(f"inversion with reversed stored states: {errs}")
     assert errs["mean"] > 20 * gauss.TOL["heun"], errs
+
+
+# --- The upsample mode on a (random, untrained) model ------------------------------------------------
+
+def test_upsample_mode_writes_consistent_outputs_and_resumes(tmp_path):
+    """A tiny model, random weights (consistency and the files do not need a trained one): inputs
+    from a folder of 8x8 PNGs, 2x to 16x16 with 2 samples each; a second run resumes (nothing to do)
+    and a changed setting is refused, naming the field."""
+    from PIL import Image
+
+    from lapflow_jax import train, upsample
+    from test_config import one_device_mesh
+    from test_train import tiny_config
+
+    config = tiny_config(**{"pyramid.sigmas": (0.13, 0.44), "upsample.samples_per_image": 2,
+                            "upsample.batch_size": 2, "upsample.input": str(tmp_path / "low"), "sample.steps": 4})
+    (tmp_path / "low").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(96, 160, (8, 8), dtype=np.uint8)).save(tmp_path / "low" / f"d{i}.png")
+    setup = train.make_setup(config, one_device_mesh())
+    state = train.create_state(setup, np.asarray((0.13, 0.44), np.float32))
+    out = tmp_path / "out"
+    summary = upsample.upsample_to_dir(config, setup, state.params, (0.13, 0.44), out, seed=1)
+    print(summary)
+    assert summary["max_consistency_error"] <= 1e-5
+    arrays = dict(np.load(out / "upsampled.npz"))
+    assert arrays["samples"].shape == (3, 2, 16, 16, 1) and arrays["inputs"].shape == (3, 8, 8, 1)
+    assert sorted(p.name for p in (out / "images").iterdir())[:2] == ["d0_0.png", "d0_1.png"]
+    assert np.asarray(Image.open(out / "grid.png")).shape[:2] == (3 * 17 - 1, 4 * 17 - 1)
+    # uint8 rounding aside, the area-downsampled samples are the inputs.
+    down = arrays["samples"].astype(np.float64).reshape(3, 2, 8, 2, 8, 2).mean((3, 5))
+    assert np.abs(down - arrays["inputs"][:, None, :, :, 0]).max() <= 1.0
+    again = upsample.upsample_to_dir(config, setup, state.params, (0.13, 0.44), out, seed=1)
+    assert "seconds_per_image" not in again  # resumed: every batch was there
+    config.upsample.sampler = "replacement"
+    with pytest.raises(ValueError, match="upsample.sampler"):
+        upsample.upsample_to_dir(config, setup, state.params, (0.13, 0.44), out, seed=1)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("upsample.sampler", "ilvr", "config.upsample.sampler='ilvr'"),
+    ("upsample.samples_per_image", 0, "config.upsample.samples_per_image=0"),
+    ("upsample.variation_t0", 1.0, "config.upsample.variation_t0=1.0"),
+    ("upsample.factor", 3, "config.upsample.factor=3"),
+    ("upsample.factor", 4, "config.upsample.factor=4 needs more scales"),
+])
+def test_upsample_config_errors_name_the_field(field, value, message):
+    from lapflow_jax import config as config_lib
+    from test_train import tiny_config
+
+    config = tiny_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        config_lib.validate(config)
