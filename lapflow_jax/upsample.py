@@ -118,12 +118,13 @@ def _noise(rng, first_index, *, shapes, channels, k):
 
 
 def upsample_batch(config: ml_collections.ConfigDict, graphdef, params, sigmas, inputs: np.ndarray, *,
-                   num_classes: int, rng: jax.Array, first_index: int, m: int) -> tuple[np.ndarray, np.ndarray,
+                   num_classes: int, rng: jax.Array, first_index: int, m: int, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray,
                                                                                       conditional.ConditionalResult]:
-    """inputs uint8 [B, h, w, C] -> (samples float [B, k, H, W, C], low float [B, h', w', C], result)."""
+    """inputs uint8 (or float in [-1, 1]) [B, h, w, C] -> (samples float [B, k, H, W, C], low float
+    [B, h', w', C], result). labels: config.upsample.label, or per input [B] when `labels` is given."""
     cfg = config.upsample
     k = int(cfg.samples_per_image)
-    x = sample_lib.from_uint8(inputs)
+    x = sample_lib.from_uint8(inputs) if inputs.dtype == np.uint8 else np.asarray(inputs, np.float32)
     constraint = conditional.Constraint(config.num_scales, m, tuple(float(s) for s in sigmas), config.pyramid.down,
                                         config.pyramid.up)
     reference = x if cfg.variation_t0 > 0 else None
@@ -131,14 +132,15 @@ def upsample_batch(config: ml_collections.ConfigDict, graphdef, params, sigmas, 
     batch, (h, w, c) = low.shape[0], low.shape[1:]
     shapes = ((batch, 0, 0),) + tuple((batch, h << (m - s), w << (m - s)) for s in range(m))
     noise = _noise(rng, first_index, shapes=shapes, channels=c, k=k)
-    labels = None
-    if num_classes > 0:
+    if labels is not None:
+        labels = jnp.asarray(labels, jnp.int32)
+    elif num_classes > 0:
         label = num_classes if cfg.label < 0 else cfg.label  # -1: the null class (trained with class dropout)
         labels = jnp.full((batch,), label, jnp.int32)
     velocity = generate_lib.velocity_for(config, graphdef, num_classes)
     replacement = None
     if cfg.sampler == "replacement":
-        replacement = conditional.replacement_noise_like(jax.random.fold_in(jax.random.fold_in(rng, first_index), -1),
+        replacement = conditional.replacement_noise_like(jax.random.fold_in(jax.random.fold_in(rng, 2**31 - 1), first_index),
                                                          low, constraint, k)
     path = generate_lib.path_from_config(config)
     start = max(float(cfg.variation_t0), path.window_starts[m - 1]) if reference is not None else None
