@@ -292,3 +292,19 @@ def test_upsample_config_errors_name_the_field(field, value, message):
     config[section][name] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         config_lib.validate(config)
+
+
+def test_variations_keep_the_coarse_scale_and_stay_near_the_reference():
+    """Variations: from t0 close to 1 the output stays near the reference image; from the window
+    start it is a fresh draw (far); Down(output) = Down(reference) either way."""
+    reference = jnp.asarray(gaussian_images(2), jnp.float32)
+    dist = {}
+    for t0 in (0.5, 0.95):
+        out, low, constraint = run_sampler((0.5, 0.0), 1, "area", "bilinear", sampler="inversion", method="heun",
+                                           reference=reference, t_start=t0)
+        assert conditional.consistency_error(out.images, jnp.repeat(low, 2, axis=0), constraint) <= 1e-5
+        ref = jnp.repeat(reference, 2, axis=0)
+        dist[t0] = float(jnp.linalg.norm(out.images - ref) / jnp.linalg.norm(ref - constraint.image(
+            [jnp.zeros_like(ref)] + constraint.known(low[jnp.repeat(jnp.arange(2), 2)]))))
+    print(f"variation distance to the reference (relative to its fine detail): {dist}")
+    assert dist[0.95] < 0.2 < dist[0.5], dist
