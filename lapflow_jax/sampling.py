@@ -129,20 +129,24 @@ def _dopri5_segment(velocity_fn: VelocityFn, args, states, t0, t1, rtol, atol, *
     return final, nfe
 
 
-@functools.partial(jax.jit, static_argnames=("velocity_fn", "initial_steps"))
-def dopri5_dense(velocity_fn: VelocityFn, args, states, t0, t1, rtol, atol, *, initial_steps: int):
+@functools.partial(jax.jit, static_argnames=("velocity_fn", "initial_steps", "max_steps"))
+def dopri5_dense(velocity_fn: VelocityFn, args, states, t0, t1, rtol, atol, *, initial_steps: int,
+                 max_steps: int = 256):
     """Adaptive Dopri5 from t0 to t1 (t1 < t0 runs backwards) with dense output.
 
     Returns (interpolation, nfe): `interpolation.evaluate(t)` gives the tuple of states at any t in
     the interval (Dopri5's 4th-order interpolant, accurate to about the solver's tolerance), and
-    may be passed to jitted code as an argument (it is a pytree of arrays).
+    may be passed to jitted code as an argument (it is a pytree of arrays). The dense output is
+    allocated for max_steps steps up front (about 9 states each; 100,000 as `sample` allows would
+    be tens of GB), so it is kept small: these flows take tens of steps at the usual tolerances,
+    and a solve that needs more fails with diffrax's max_steps error instead of running out of memory.
     """
     batch = states[0].shape[0]
     term = diffrax.ODETerm(lambda t, y, a: tuple(velocity_fn(a, list(y), _broadcast_time(t, batch, y[0].dtype))))
     solution = diffrax.diffeqsolve(
         term, diffrax.Dopri5(), t0=t0, t1=t1, dt0=(t1 - t0) / initial_steps, y0=tuple(states), args=args,
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        saveat=diffrax.SaveAt(dense=True), max_steps=100_000)
+        saveat=diffrax.SaveAt(dense=True), max_steps=max_steps)
     return solution.interpolation, 1 + 6 * solution.stats["num_steps"]
 
 
