@@ -17,7 +17,8 @@ Writes into <workdir>/upsampled/step<step>/:
   images/<i>_<j>.png  sample j of input i, full size;
   grid.png        one row per input (the first config.upsample.grid_images): input (nearest), bicubic,
                   then the k samples;
-  upsampled.npz   inputs [N, h, w, C], bicubic [N, H, W, C], samples [N, k, H, W, C] (uint8);
+  upsampled.npz   inputs [N, h, w, C], bicubic [N, H, W, C], samples [N, k, H, W, C] (uint8), and for
+                  variations references [N, H, W, C] (the originals, first column of grid.png);
   summary.json    sampler, NFE, seconds per image, max |Down(output) - input| (before uint8 rounding).
 
 Pixel mode only: in latent mode the constraint would hold on the latent's coarse scale, and the
@@ -193,14 +194,15 @@ def upsample_to_dir(config: ml_collections.ConfigDict, setup, params: Any, sigma
                                                     np.repeat(low, k, 0), constraint))
         nfe = (result.nfe_inversion, result.nfe_forward)
         factor = samples.shape[2] // low.shape[1]
+        extra = {"references": part} if cfg.variation_t0 > 0 else {}  # variations: the full-size originals
         npz_lib.write_npz(out_dir / f"batch{i:05d}.npz", inputs=sample_lib.to_uint8(low),
                           bicubic=sample_lib.to_uint8(conditional.bicubic(low, factor)),
-                          samples=sample_lib.to_uint8(samples))
+                          samples=sample_lib.to_uint8(samples), **extra)
         progress.update(done, **{"max |D out - in|": f"{errors[-1]:.1e}"})
 
     parts = [npz_lib.read_npz(out_dir / f"batch{i:05d}.npz") for i in range(num_batches)]
     n = inputs.shape[0]
-    arrays = {key: np.concatenate([p[key] for p in parts])[:n] for key in ("inputs", "bicubic", "samples")}
+    arrays = {key: np.concatenate([p[key] for p in parts])[:n] for key in parts[0]}
     npz_lib.write_npz(out_dir / "upsampled.npz", **arrays)
     for i, name in enumerate(names):
         for j in range(k):
@@ -221,11 +223,13 @@ def upsample_to_dir(config: ml_collections.ConfigDict, setup, params: Any, sigma
 
 
 def comparison_grid(arrays: dict[str, np.ndarray], rows: int) -> np.ndarray:
-    """One row per input: input (nearest-upsampled to full size), bicubic, the k samples."""
+    """One row per input: input (nearest-upsampled to full size; variations: the original), bicubic
+    (of the kept coarse image), the k samples."""
     samples = arrays["samples"][:rows]
     n, k, height = samples.shape[0], samples.shape[1], samples.shape[2]
     reps = height // arrays["inputs"].shape[1]
-    nearest = np.repeat(np.repeat(arrays["inputs"][:n], reps, 1), reps, 2)
+    nearest = arrays["references"][:n] if "references" in arrays else np.repeat(
+        np.repeat(arrays["inputs"][:n], reps, 1), reps, 2)
     tiles = np.concatenate([nearest[:, None], arrays["bicubic"][:n, None], samples], axis=1)
     return generate_lib.image_grid(sample_lib.from_uint8(tiles.reshape((-1,) + tiles.shape[2:])), columns=k + 2)
 
