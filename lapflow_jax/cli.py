@@ -34,6 +34,7 @@ CONFIG_PATH_FIELDS = (
     "latent.autoencoder",
     "latent.source.data_dir", "latent.source.folder", "latent.source.latents_dir",
     "eval.reference_npz", "eval.fid_stats", "eval.inception_weights", "eval.samples_npz",
+    "upsample.input",
 )
 
 VERBOSE_HELP = ("Show other libraries' INFO lines (Orbax, absl, JAX, tfds) and the full traceback of "

@@ -107,6 +107,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.grid_images = 64         # sample mode: images in grid.png (the .npz has all of them).
     c.sample.gflops = True            # sample mode: GFLOPs per sample (XLA cost analysis) + baseline.
 
+    # Upsample mode (--mode=upsample, upsample.py): super-resolution / variations of the user's images
+    # from the trained model, with config.sample's solver (docs/method.md, "Conditional sampling").
+    c.upsample = ml_collections.ConfigDict()
+    c.upsample.input = ""             # a folder of images or an .npz (`images`/`arr_0` uint8 [N, h, w, C]).
+    c.upsample.samples_per_image = 4  # k samples of each input.
+    c.upsample.sampler = "inversion"  # "inversion" (exact) or "replacement" (the usual shortcut).
+    c.upsample.project_steps = False  # also project the clean estimate at every step ("P" variants).
+    c.upsample.label = -1             # class-conditional models: the class; -1: the null class.
+    c.upsample.variation_t0 = 0.0     # 0: super-resolution; in (0, 1): variations of full-size inputs from t0.
+    c.upsample.factor = 0             # 0: from the input size (variations: 2); else 2, 4, ...
+    c.upsample.batch_size = 8         # inputs per batch (each gives samples_per_image rows).
+    c.upsample.grid_images = 8        # rows of grid.png.
+
     # Eval mode (--mode=eval, docs/evaluation.md): samples of a checkpoint against a reference.
     c.eval = ml_collections.ConfigDict()
     # "fid", "sfid", "inception_score", "precision_recall" (InceptionV3: need inception_weights),
@@ -297,6 +310,27 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.train.scale_weights={tuple(weights)} must be finite, >= 0 and not all 0.")
     if not 0 <= c.model.class_dropout < 1:
         raise ValueError(f"config.model.class_dropout={c.model.class_dropout} must be in [0, 1).")
+    _validate_upsample(c)
+
+
+def _validate_upsample(c: ml_collections.ConfigDict) -> None:
+    from lapflow_jax.conditional import SAMPLERS  # pylint: disable=import-outside-toplevel
+    u = c.upsample
+    if u.sampler not in SAMPLERS:
+        raise ValueError(f"config.upsample.sampler={u.sampler!r} is not one of {SAMPLERS}.")
+    for field in ("samples_per_image", "batch_size", "grid_images"):
+        if u[field] < 1:
+            raise ValueError(f"config.upsample.{field}={u[field]} must be >= 1.")
+    if not (math.isfinite(u.variation_t0) and 0 <= u.variation_t0 < 1):
+        raise ValueError(f"config.upsample.variation_t0={u.variation_t0} must be in [0, 1) (0: super-resolution).")
+    if u.factor != 0 and (u.factor < 2 or u.factor & (u.factor - 1)):
+        raise ValueError(f"config.upsample.factor={u.factor} must be 0 (from the input size) or a power of 2 >= 2.")
+    if u.factor and 2 ** (c.num_scales - 1) < u.factor:
+        raise ValueError(f"config.upsample.factor={u.factor} needs more scales than config.num_scales="
+                         f"{c.num_scales} (a 2^m x upsample needs m + 1).")
+    if u.label < -1 or (u.label >= 0 and not c.model.conditional):
+        raise ValueError(f"config.upsample.label={u.label} must be -1 (null class / unconditional) or a class id of a "
+                         "class-conditional model (config.model.conditional).")
 
 
 def validate_for_mesh(c: ml_collections.ConfigDict, data_axis_size: int) -> None:

@@ -3,6 +3,8 @@
     python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo
     python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo --mode=sample
     python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo --mode=eval [--step=1500]
+    python -m lapflow_jax.main --config=configs/demo.py --workdir=/tmp/lapflow_demo --mode=upsample \
+        --config.upsample.input=low_res/
 
 Config fields are overridden with --config.<field>=<value>; an unknown field is an error.
 Relative and ~ paths (--workdir, config paths such as data.data_dir) are taken from the directory
@@ -24,8 +26,9 @@ from lapflow_jax import cli
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and samples go here (local or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
-                  "What to do: train; sample (images, grids, GFLOPs: sample.py); eval (FID etc.: evaluate.py).")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "upsample"],
+                  "What to do: train; sample (images, grids, GFLOPs: sample.py); eval (FID etc.: evaluate.py); "
+                  "upsample (super-resolution / variations of config.upsample.input: upsample.py).")
 flags.DEFINE_integer("step", None, "--mode=sample and --mode=eval: the checkpoint step to use (default: the latest).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs off TPU.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-process runs off TPU.")
@@ -76,6 +79,9 @@ def main(argv):
     elif FLAGS.mode == "eval":
         from lapflow_jax import evaluate as evaluate_lib
         evaluate_lib.evaluate_from_checkpoint(FLAGS.config, workdir, step=FLAGS.step)
+    elif FLAGS.mode == "upsample":
+        from lapflow_jax import upsample as upsample_lib
+        upsample_lib.upsample_from_checkpoint(FLAGS.config, workdir, step=FLAGS.step)
     else:
         sample_lib.sample_from_checkpoint(FLAGS.config, workdir, step=FLAGS.step)
 

@@ -93,20 +93,39 @@ def _add(states, deltas, h):
     return [x + h * d for x, d in zip(states, deltas)]
 
 
+def _fixed_step(velocity_fn: VelocityFn, args, xs, t, h, method: str):
+    """One Euler or Heun step of size h (negative h integrates backwards in time) from time t."""
+    batch = xs[0].shape[0]
+    v = velocity_fn(args, xs, _broadcast_time(t, batch, xs[0].dtype))
+    if method == "euler":
+        return _add(xs, v, h)
+    v_next = velocity_fn(args, _add(xs, v, h), _broadcast_time(t + h, batch, xs[0].dtype))
+    return [x + 0.5 * h * (a + b) for x, a, b in zip(xs, v, v_next)]
+
+
 @functools.partial(jax.jit, static_argnames=("velocity_fn", "method", "num_steps"))
 def _fixed_step_segment(velocity_fn: VelocityFn, args, states, t0, t1, *, method: str, num_steps: int):
-    batch = states[0].shape[0]
+    h = (t1 - t0) / num_steps
+    return jax.lax.fori_loop(0, num_steps, lambda i, xs: _fixed_step(velocity_fn, args, xs, t0 + i * h, h, method),
+                             list(states))
+
+
+@functools.partial(jax.jit, static_argnames=("velocity_fn", "method", "num_steps"))
+def fixed_step_trajectory(velocity_fn: VelocityFn, args, states, t0, t1, *, method: str, num_steps: int):
+    """Like one segment of `sample` with Euler or Heun, but keeps every grid state.
+
+    Integrates from t0 to t1 (t1 < t0 runs backwards) in num_steps equal steps and returns, per
+    state, the stacked states at t0 + i (t1 - t0) / num_steps for i = 0..num_steps:
+    [num_steps + 1, B, ...]. Conditional sampling (conditional.py) stores a coarse trajectory so.
+    """
     h = (t1 - t0) / num_steps
 
-    def step(i, xs):
-        t = t0 + i * h
-        v = velocity_fn(args, xs, _broadcast_time(t, batch, xs[0].dtype))
-        if method == "euler":
-            return _add(xs, v, h)
-        v_next = velocity_fn(args, _add(xs, v, h), _broadcast_time(t + h, batch, xs[0].dtype))
-        return [x + 0.5 * h * (a + b) for x, a, b in zip(xs, v, v_next)]
+    def step(xs, i):
+        nxt = _fixed_step(velocity_fn, args, xs, t0 + i * h, h, method)
+        return nxt, nxt
 
-    return jax.lax.fori_loop(0, num_steps, step, list(states))
+    _, path = jax.lax.scan(step, list(states), jnp.arange(num_steps))
+    return [jnp.concatenate([x[None], p]) for x, p in zip(states, path)]
 
 
 @functools.partial(jax.jit, static_argnames=("velocity_fn", "initial_steps"))
@@ -274,6 +293,40 @@ def _dopri5_segment(velocity_fn: VelocityFn, args, states, t0, t1, h0, rtol, ato
     stats = {k: out[k] for k in ("nfe", "accepted", "rejected", "accepted_t", "rejected_t")}
     stats["batch_nfe"] = 1 + 6 * out["iters"]
     return out["y"], out["h_carry"], stats
+
+
+@functools.partial(jax.jit, static_argnames=("velocity_fn", "initial_steps", "max_steps"))
+def dopri5_dense(velocity_fn: VelocityFn, args, states, t0, t1, rtol, atol, *, initial_steps: int,
+                 max_steps: int = 256):
+    """Adaptive Dopri5 from t0 to t1 (t1 < t0 runs backwards) with dense output.
+
+    Returns (interpolation, nfe): `interpolation.evaluate(t)` gives the tuple of states at any t in
+    the interval (Dopri5's 4th-order interpolant, accurate to about the solver's tolerance), and
+    may be passed to jitted code as an argument (it is a pytree of arrays). The dense output is
+    allocated for max_steps steps up front (about 9 states each; 100,000 as `sample` allows would
+    be tens of GB), so it is kept small: these flows take tens of steps at the usual tolerances,
+    and a solve that needs more fails with diffrax's max_steps error instead of running out of memory.
+    """
+    batch = states[0].shape[0]
+    term = diffrax.ODETerm(lambda t, y, a: tuple(velocity_fn(a, list(y), _broadcast_time(t, batch, y[0].dtype))))
+    solution = diffrax.diffeqsolve(
+        term, diffrax.Dopri5(), t0=t0, t1=t1, dt0=(t1 - t0) / initial_steps, y0=tuple(states), args=args,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        saveat=diffrax.SaveAt(dense=True), max_steps=max_steps)
+    return solution.interpolation, 1 + 6 * solution.stats["num_steps"]
+
+
+def integrate_segment(velocity_fn: VelocityFn, args, states, t0: float, t1: float, *, method: str, num_steps: int,
+                      rtol: float = 1e-3, atol: float = 1e-3) -> tuple[list[jax.Array], int]:
+    """One segment as `sample` integrates it: (states at t1, NFE). For callers that assemble their
+    own segments (conditional.py); num_steps is the initial step count for dopri5."""
+    if method == "dopri5":
+        h0 = jnp.full((states[0].shape[0],), (t1 - t0) / num_steps, states[0].dtype)
+        final, _, stats = _dopri5_segment(velocity_fn, args, states, t0, t1, h0, rtol, atol,
+                                          options=Dopri5Options(carry_step=False, error_norm="state"))
+        return final, int(stats["batch_nfe"])
+    final = _fixed_step_segment(velocity_fn, args, states, t0, t1, method=method, num_steps=num_steps)
+    return final, num_steps * (1 if method == "euler" else 2)
 
 
 def segment_program(velocity_fn: VelocityFn, args, states, t0: float, t1: float, *, method: str, num_steps: int,
