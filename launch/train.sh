@@ -55,7 +55,8 @@
 #   DRY_RUN            1 prints the commands of one attempt instead of running them
 #                      (--dry-run).
 #   COMPILE_CHECK      1 runs the compile check first (--compile-check); it needs this
-#                      checkout installed here with the TPU compiler: pip install -e '.[tpu]'.
+#                      checkout installed here with the TPU compiler:
+#                      pip install -c launch/constraints-tpu.txt -e '.[tpu]'.
 #   TOPOLOGY           topology for the compile check (default: from ACCELERATOR_TYPE, e.g.
 #                      v5p-128 -> v5p:4x4x4).
 #   LOCAL_PYTHON       interpreter that runs the compile check here (default python3).

@@ -198,10 +198,27 @@ def test_remote_setup_dry_run(tmp_path):
     assert lines(proc.stdout) == [
         f"python3.11 -m venv {venv}",
         f"{venv}/bin/python -m pip install --quiet --upgrade pip",
-        f"{venv}/bin/python -m pip install --quiet -e '.[tpu,test]'",
+        f"{venv}/bin/python -m pip install --quiet -c launch/constraints-tpu.txt -e '.[tpu,test]'",
         f"{venv}/bin/python -c 'import jax, lapflow_jax;"
         " print(\"jax\", jax.__version__, \"installed in\", jax.__file__)'",
     ]
+
+
+def test_tpu_lock_file_pins_the_measured_stack():
+    """launch/constraints-tpu.txt pins the versions the compile and memory figures come from."""
+    pins = dict(line.split("==") for line in (REPO / "launch" / "constraints-tpu.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins["jax"] == pins["jaxlib"] == "0.10.2" and pins["libtpu"] == "0.0.42.1"
+    for name in ("flax", "optax", "orbax-checkpoint", "grain", "etils", "gcsfs", "tensorstore", "numpy"):
+        assert name in pins, name
+    # Every install requirement of setup.py is pinned too.
+    setup = (REPO / "setup.py").read_text()
+    block = setup[setup.index("INSTALL_REQUIRES = ["):setup.index("EXTRAS_REQUIRE")]
+    normal = {k.lower().replace("_", "-") for k in pins}
+    missing = [r for r in re.findall(r'"([A-Za-z0-9_.\-]+)>=', block) if r.lower().replace("_", "-") not in normal]
+    assert not missing, missing
+    for doc in ("docs/cloud_tpu.md", "docs/compile_check.md", "launch/README.md"):
+        assert "-c launch/constraints-tpu.txt" in (REPO / doc).read_text(), doc
 
 
 def _train_ssh(tpu, args="", log="celebahq256_lapflow-attempt0.log"):
