@@ -69,14 +69,16 @@ def local_copy(path: str | os.PathLike, *, cache_root: str | None = None) -> str
         raise FileNotFoundError(f"{path}: no such folder")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".copy-", dir=os.path.dirname(target))
-    for item in source.rglob("*"):
-        if item.is_file():
-            relative = os.path.relpath(str(item), str(source)) if not is_remote(str(item)) else \
-                str(item)[len(str(source).rstrip("/")) + 1:]
-            destination = os.path.join(staging, relative)
-            os.makedirs(os.path.dirname(destination), exist_ok=True)
-            with open(destination, "wb") as f:
-                f.write(item.read_bytes())
+    pending = [(source, staging)]
+    while pending:  # one listing per folder (epath refuses ** on object stores)
+        folder, local = pending.pop()
+        os.makedirs(local, exist_ok=True)
+        for item in folder.iterdir():
+            if item.is_dir():
+                pending.append((item, os.path.join(local, item.name)))
+            else:
+                with open(os.path.join(local, item.name), "wb") as f:
+                    f.write(item.read_bytes())
     try:
         os.replace(staging, target)
     except OSError:  # another process finished the same copy first
