@@ -85,3 +85,23 @@ def local_copy(path: str | os.PathLike, *, cache_root: str | None = None) -> str
         import shutil  # pylint: disable=import-outside-toplevel
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def local_file(path: str | os.PathLike, *, cache_root: str | None = None) -> str:
+    """A local file with the bytes of `path`: `path` itself when local, else a cached copy (as local_copy)."""
+    path = os.fspath(path)
+    if not is_remote(path):
+        return os.path.abspath(os.path.expanduser(path))
+    root = cache_root or os.environ.get("LAPFLOW_CACHE") or os.path.expanduser("~/.cache/lapflow")
+    target = os.path.join(root, "remote", hashlib.sha256(path.encode()).hexdigest()[:16], path.rsplit("/", 1)[-1])
+    if os.path.isfile(target):
+        return target
+    source = epath.Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=".copy-", dir=os.path.dirname(target))
+    with os.fdopen(fd, "wb") as f:
+        f.write(source.read_bytes())
+    os.replace(staging, target)  # whole or absent, also against a concurrent copy
+    return target

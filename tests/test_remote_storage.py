@@ -441,3 +441,20 @@ def test_latents_cached_to_gs_by_two_hosts_equal_a_local_single_host_cache(gcs, 
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
     assert epath.Path(gs_dir).is_dir()
+
+
+def test_weight_files_and_folders_load_from_gs(gcs, tmp_path, monkeypatch):
+    """Inception's .pth file and an autoencoder folder on gs:// are copied once to the local cache."""
+    from lapflow_jax import storage
+    from lapflow_jax.evaluation import inception
+
+    monkeypatch.setenv("LAPFLOW_CACHE", str(tmp_path / "cache"))
+    gcs.write("weights/pt_inception.pth", b"\x01\x02weights")
+    gcs.write("weights/ae/params/d/x", b"array bytes")
+    gcs.write("weights/ae/config.json", b"{}")
+    local = storage.local_file(gcs.gs("weights/pt_inception.pth"))
+    assert local.startswith(str(tmp_path / "cache")) and Path(local).read_bytes() == b"\x01\x02weights"
+    folder = Path(storage.local_copy(gcs.gs("weights/ae")))
+    assert (folder / "params" / "d" / "x").read_bytes() == b"array bytes" and (folder / "config.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no weight file at 'gs://"):
+        inception.load_fid_inception(gcs.gs("weights/missing.pth"))
