@@ -336,7 +336,7 @@ def cache_latents(config: ml_collections.ConfigDict, *, process_index: int | Non
     model, ae_config = load_autoencoder(lat.autoencoder, lat.dtype)
     shape = _check_latent_config(config, ae_config)
     src = lat.source
-    source = pipeline.make_source(src, src.split)
+    source = pipeline.make_source(src, src.split, field="config.latent.source")
     n = len(source)
     per_shard = int(lat.images_per_shard)
     num_shards = -(-n // per_shard)

@@ -435,8 +435,10 @@ def test_latents_cached_to_gs_by_two_hosts_equal_a_local_single_host_cache(gcs, 
     batches = []
     for config_path in (local_config, gs_config):
         data = lt.load_config(config_path).data
+        data.num_workers = 0  # in this process: worker processes outliving the emulator would hang the exit
         iterator = pipeline.make_train_iterator(data, global_batch_size=4, seed=3, process_index=0, process_count=1)
         batches.append([next(iterator) for _ in range(3)])
+        del iterator
     for a, b in zip(*batches):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
