@@ -649,6 +649,10 @@ case "$1 $2 $3 $4" in
     next_state FAKE_NODE_STATES READY ;;
   "compute tpus tpu-vm ssh")
     exists || exit 255
+    if [[ "$(flag --command "$@")" == *remote_setup.sh* ]] && (($(count setups) < ${FAKE_SETUP_FAILS:-0})); then
+      echo "ssh: connect to host 10.0.0.2 port 22: Connection refused" >&2
+      exit 255
+    fi
     if [[ "$(flag --command "$@")" == *lapflow_jax.main* ]] &&
       (($(count trainings) < ${FAKE_TRAIN_FAILS:-0})); then
       echo "Connection to worker closed by remote host." >&2
@@ -766,6 +770,26 @@ def test_lost_tpu_is_recreated(tmp_path, fake_gcloud):
     named = kinds(calls())
     assert named[:7] == ["train", "scp", "scp", "scp", "scp", "qr-state", "tpu-state"]
     assert named[7:] == ["delete", "qr-state", "create", "qr-state", "setup", "train"] + ["scp"] * 4
+
+
+def test_failed_setup_of_the_recreated_tpu_is_retried_with_backoff(tmp_path, fake_gcloud):
+    """The recreated slice's setup fails once (its ssh not up yet): delete, create, setup again."""
+    bin_dir, state, calls = fake_gcloud
+    env = loop_env(tmp_path, state, FAKE_TRAIN_FAILS="1", FAKE_NODE_STATES="PREEMPTED READY",
+                   FAKE_SETUP_FAILS="1", BACKOFF_SECONDS="0")
+    proc = run_script("train.sh", env=env, tmp_path=tmp_path, path_prefix=bin_dir, check=0)
+    assert "recreating or setting up lapflow-v5p failed (try 1 of 3); again in 0s" in proc.stderr
+    named = kinds(calls())
+    recreate = ["delete", "qr-state", "create", "qr-state", "setup"]
+    assert named[7:] == recreate + recreate + ["train"] + ["scp"] * 4
+    # Setup fails every time: the run stops after RELAUNCH_TRIES tries, saying how to resume.
+    (state / "calls.log").unlink()
+    for name in ("exists", "trainings", "setups", "FAKE_NODE_STATES", "FAKE_QR_STATES"):
+        (state / name).unlink(missing_ok=True)
+    env.update(FAKE_SETUP_FAILS="100", RELAUNCH_TRIES="2")
+    proc = run_script("train.sh", env=env, tmp_path=tmp_path, path_prefix=bin_dir, check=1)
+    assert "could not recreate and set up lapflow-v5p (2 tries)" in proc.stderr
+    assert kinds(calls()).count("setup") == 2
 
 
 def test_preemption_gives_up_after_max_retries(tmp_path, fake_gcloud):
