@@ -160,12 +160,17 @@ def test_setup_workers_dry_run_copies_checkout(tmp_path):
     tarball = tmp_path / "tmp" / "lapflow-v5e-lapflow-jax.tar.gz"
     assert lines(proc.stdout) == [
         f"tar -czf {tarball} --exclude=.git --exclude=.venv --exclude=__pycache__"
-        f" '--exclude=*.egg-info' --exclude=.pytest_cache --exclude=./workdirs -C {REPO} .",
+        f" '--exclude=*.egg-info' --exclude=.pytest_cache --exclude=./workdirs"
+        f" --exclude=./latents --exclude=./autoencoders --exclude=./weights -C {REPO} .",
         f"gcloud compute tpus tpu-vm scp {tarball} lapflow-v5e:lapflow-jax.tar.gz --worker=all"
         " --zone=us-central1-a --project=my-proj",
         "gcloud compute tpus tpu-vm ssh lapflow-v5e --worker=all --zone=us-central1-a --project=my-proj"
-        " '--command=set -euo pipefail; rm -rf lapflow-jax; mkdir lapflow-jax;"
-        " tar -xzf lapflow-jax.tar.gz -C lapflow-jax; rm lapflow-jax.tar.gz; cd lapflow-jax;"
+        " '--command=set -euo pipefail; mkdir -p lapflow-jax.keep; for d in latents autoencoders weights;"
+        " do if [ -e lapflow-jax/$d ]; then mv lapflow-jax/$d lapflow-jax.keep/; fi; done;"
+        " rm -rf lapflow-jax; mkdir lapflow-jax;"
+        " tar -xzf lapflow-jax.tar.gz -C lapflow-jax; rm lapflow-jax.tar.gz;"
+        " for d in latents autoencoders weights; do if [ -e lapflow-jax.keep/$d ];"
+        " then mv lapflow-jax.keep/$d lapflow-jax/; fi; done; rmdir lapflow-jax.keep; cd lapflow-jax;"
         " VENV_DIR=lapflow-venv PIP_EXTRAS=tpu bash launch/remote_setup.sh'",
     ]
     assert not tarball.exists(), "a dry run must not build the tarball"
@@ -179,9 +184,12 @@ def test_setup_workers_dry_run_git_clone(tmp_path):
     )  # fmt: skip
     assert lines(proc.stdout) == [
         "gcloud compute tpus tpu-vm ssh lapflow-v5p --worker=all --zone=us-central1-a --project=my-proj"
-        " '--command=set -euo pipefail; rm -rf code;"
+        " '--command=set -euo pipefail; mkdir -p code.keep; for d in latents autoencoders weights;"
+        " do if [ -e code/$d ]; then mv code/$d code.keep/; fi; done; rm -rf code;"
         " git clone --quiet https://github.com/me/lapflow-jax.git code;"
-        " git -C code checkout --quiet v0.1; cd code;"
+        " git -C code checkout --quiet v0.1;"
+        " for d in latents autoencoders weights; do if [ -e code.keep/$d ]; then mv code.keep/$d code/; fi;"
+        " done; rmdir code.keep; cd code;"
         " VENV_DIR=envs/lapflow PIP_EXTRAS=tpu bash launch/remote_setup.sh'"
     ]
 
@@ -933,3 +941,29 @@ def test_cache_latents_retries_a_failed_attempt_with_backoff(tmp_path):
                          "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0", "MAX_RETRIES=1",
                          path_prefix=bin_dir, tmp_path=tmp_path, check=1)
     assert len(calls.read_text().splitlines()) == 2 and "failed 2 time(s)" in give_up.stderr
+
+
+def test_setup_keeps_user_data_in_the_replaced_code_directory(tmp_path):
+    """The worker-side command of setup_workers.sh, run here: latents/, autoencoders/ and weights/
+    in the old code directory survive its replacement; the old code does not; they are not tarred."""
+    proc = run_script("setup_workers.sh", "--dry-run", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
+                      tmp_path=tmp_path, check=0)
+    tar_line, _, ssh_line = lines(proc.stdout)
+    for name in ("latents", "autoencoders", "weights"):
+        assert f"--exclude=./{name}" in tar_line
+    command = shlex.split(ssh_line)[-1].removeprefix("--command=")
+    install = "cd lapflow-jax; VENV_DIR=lapflow-venv PIP_EXTRAS=tpu bash launch/remote_setup.sh"
+    assert command.endswith(install)
+    home = tmp_path / "worker"
+    (home / "lapflow-jax" / "latents").mkdir(parents=True)
+    (home / "lapflow-jax" / "latents" / "latents_info.json").write_text("{}")
+    (home / "lapflow-jax" / "weights").mkdir()
+    (home / "lapflow-jax" / "old_module.py").write_text("old")
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "setup.py").write_text("new")
+    subprocess.run(["tar", "-czf", str(home / "lapflow-jax.tar.gz"), "-C", str(new), "."], check=True)
+    subprocess.run(["bash", "-c", command.removesuffix(install) + "true"], cwd=home, check=True)
+    assert (home / "lapflow-jax" / "latents" / "latents_info.json").read_text() == "{}"
+    assert (home / "lapflow-jax" / "weights").is_dir() and (home / "lapflow-jax" / "setup.py").is_file()
+    assert not (home / "lapflow-jax" / "old_module.py").exists() and not (home / "lapflow-jax.keep").exists()
