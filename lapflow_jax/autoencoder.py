@@ -766,7 +766,11 @@ def load_converted(directory: str | os.PathLike, *, dtype=jnp.float32
     config = AutoencoderKLConfig.from_dict(meta["config"], source=config_path)
     model = _abstract_model(config, dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    target = nnx.to_pure_dict(params)
+    # Onto this process's first device: without a sharding Orbax would restore onto the saving
+    # job's topology, which a multi-host caching job (jax.distributed) refuses as a mismatch.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
+                          nnx.to_pure_dict(params))
     restored = ocp.StandardCheckpointer().restore(params_dir, target)
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest), config

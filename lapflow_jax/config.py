@@ -86,6 +86,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 50
     c.log.sample_every_steps = 0      # 0: only at the end.
+    # jax.profiler trace of steps [profile_start_step, profile_start_step + profile_num_steps),
+    # counted as the log lines count them (the first step is 1), written next to the TensorBoard
+    # events: <workdir>/tensorboard/plugins/profile/<run>/ (local or gs://). 0: no trace. Pick a
+    # step after the first (which compiles) for steady-state steps.
+    c.log.profile_start_step = 0
+    c.log.profile_num_steps = 2
+    c.log.profile_processes = "first"  # "first": process 0 only; "all": every process (one file per host).
 
     c.sample = ml_collections.ConfigDict()
     c.sample.method = "heun"
@@ -289,7 +296,8 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
     """Counts, intervals and rates that must be in range (ml_collections already checks types)."""
     at_least = {"train.num_steps": 1, "train.global_batch_size": 1, "train.warmup_steps": 0,
                 "train.max_consecutive_nonfinite": 1, "checkpoint.every_steps": 1, "checkpoint.keep": 1,
-                "log.every_steps": 1, "log.sample_every_steps": 0, "sample.steps": 1, "sample.num_images": 1,
+                "log.every_steps": 1, "log.sample_every_steps": 0, "log.profile_start_step": 0,
+                "log.profile_num_steps": 1, "sample.steps": 1, "sample.num_images": 1,
                 "sample.batch_size": 1, "eval.num_samples": 2, "eval.num_reference": 0,
                 "eval.feature_batch_size": 1, "eval.swd_num_images": 2, "eval.part_rows": 0, "eval.every_steps": 0,
                 "eval.train_num_samples": 2}
@@ -297,6 +305,8 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
         value = c[field.split(".")[0]][field.split(".")[1]]
         if value < low:
             raise ValueError(f"config.{field}={value} must be >= {low}.")
+    if c.log.profile_processes not in ("first", "all"):
+        raise ValueError(f"config.log.profile_processes={c.log.profile_processes!r} is not one of ('first', 'all').")
     if c.sample.steps < c.num_scales:
         raise ValueError(f"config.sample.steps={c.sample.steps} must be >= config.num_scales={c.num_scales}: "
                          "each segment between window starts needs a step.")

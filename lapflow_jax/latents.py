@@ -17,11 +17,13 @@ Shards, hosts, resume:
     records; shard j is written by host j mod P (P = process count). Hosts do not talk to each
     other: on a pod, run the same command on every host (``--distributed`` lets
     jax.distributed find the hosts; ``--process_index`` / ``--process_count`` name them
-    without any coordination). The output folder must be shared by the hosts (or copied to
-    every training host afterwards).
-  - A shard is written to a temporary file and renamed when complete, so a killed run leaves
-    either a whole shard or none; rerunning the command skips finished shards and redoes the
-    rest. ``--max_shards=N`` stops after N shards (time-boxed jobs).
+    without any coordination). The output folder must be shared by the hosts: on a pod, a
+    bucket (``config.data.latents_dir=gs://bucket/latents``), which training then reads
+    directly (launch/cache_latents.sh runs this on every worker).
+  - A shard is written to a temporary file and renamed when complete (on gs://: written to a
+    local temporary file and uploaded as one object, which appears whole or not at all), so a
+    killed run leaves either a whole shard or none; rerunning the command skips finished shards
+    and redoes the rest. ``--max_shards=N`` stops after N shards (time-boxed jobs).
   - Each shard is encoded in batches of ``config.latent.encode_batch_size`` that start at the
     shard's first record (the last one padded), so an interrupted and resumed run writes the
     same bytes as an uninterrupted one on the same kind of machine. A resumed run with a
@@ -41,6 +43,7 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 from typing import Any
 
 import grain
@@ -49,6 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -56,6 +60,7 @@ from lapflow_jax import autoencoder as ae_lib
 from lapflow_jax import cli
 from lapflow_jax import metrics as metrics_lib
 from lapflow_jax import parallel
+from lapflow_jax import storage
 from lapflow_jax.data import latents as latents_data
 from lapflow_jax.data import pipeline
 
@@ -80,12 +85,19 @@ def load_autoencoder(path: str, dtype: str = "float32", *, field: str = "config.
     """Loads a converted folder (``save_converted``) or a diffusers AutoencoderKL folder.
 
     dtype: compute dtype name ("float32" or "bfloat16"); parameters stay float32.
+    A gs:// folder is copied once to a local cache (storage.local_copy) and loaded from there.
     """
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.latent.dtype={dtype!r} is not one of {tuple(COMPUTE_DTYPES)}")
     if not path:
         raise ValueError(f"{field} is empty: set it to an autoencoder folder (docs/latent.md)")
-    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    path = os.fspath(path)
+    if storage.is_remote(path):
+        try:
+            path = storage.local_copy(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{field}={path}: no such folder") from None
+    path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(os.path.join(path, ae_lib.CONVERTED_CONFIG_NAME)):
         return ae_lib.load_converted(path, dtype=COMPUTE_DTYPES[dtype])
     if os.path.isfile(os.path.join(path, ae_lib.CONFIG_NAME)):
@@ -117,8 +129,8 @@ def autoencoder_path(config: ml_collections.ConfigDict) -> str:
     """``config.latent.autoencoder``, or else the one the cached latents were made with."""
     if config.latent.autoencoder:
         return config.latent.autoencoder
-    if config.data.get("latents_dir") and os.path.isfile(
-            latents_data.info_path(config.data.latents_dir)):
+    if config.data.get("latents_dir") and epath.Path(
+            latents_data.info_path(config.data.latents_dir)).is_file():
         return latents_data.read_info(config.data.latents_dir)["autoencoder"]["path"]
     raise ValueError("config.latent.autoencoder is empty and config.data.latents_dir holds no cached "
                      "latents naming one: set config.latent.autoencoder to the autoencoder folder "
@@ -129,7 +141,7 @@ def _decoder_key(config: ml_collections.ConfigDict) -> tuple[str, str, int]:
     chunk = int(config.latent.decode_batch_size)
     if chunk <= 0:
         raise ValueError(f"config.latent.decode_batch_size={chunk} must be positive")
-    return os.path.abspath(autoencoder_path(config)), str(config.latent.dtype), chunk
+    return storage.resolve(autoencoder_path(config)), str(config.latent.dtype), chunk
 
 
 @functools.lru_cache(maxsize=4)
@@ -224,6 +236,9 @@ def _identity_differences(old: dict, new: dict) -> list[str]:
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
+    if storage.is_remote(path):  # one object upload: whole or nothing
+        epath.Path(path).write_text(json.dumps(data, indent=2))
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
@@ -317,11 +332,11 @@ def cache_latents(config: ml_collections.ConfigDict, *, process_index: int | Non
     if not 0 <= pi < pc:
         raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
     lat = config.latent
-    ae_path = os.path.abspath(os.path.expanduser(lat.autoencoder))
+    ae_path = storage.resolve(lat.autoencoder)
     model, ae_config = load_autoencoder(lat.autoencoder, lat.dtype)
     shape = _check_latent_config(config, ae_config)
     src = lat.source
-    source = pipeline.make_source(src, src.split)
+    source = pipeline.make_source(src, src.split, field="config.latent.source")
     n = len(source)
     per_shard = int(lat.images_per_shard)
     num_shards = -(-n // per_shard)
@@ -340,9 +355,10 @@ def cache_latents(config: ml_collections.ConfigDict, *, process_index: int | Non
                         "params_sha256": params_digest(model), "dtype": lat.dtype},
         "encode_batch_size": int(lat.encode_batch_size),
     }
-    os.makedirs(latents_dir, exist_ok=True)
+    latents_dir = storage.resolve(latents_dir)
+    epath.Path(latents_dir).mkdir(parents=True, exist_ok=True)
     path = latents_data.info_path(latents_dir)
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
         old = latents_data.read_info(latents_dir)
         diffs = _identity_differences(old, info)
         if diffs:
@@ -359,15 +375,16 @@ def cache_latents(config: ml_collections.ConfigDict, *, process_index: int | Non
         _write_json_atomic(path, info)  # every host writes the same content; rename is atomic
 
     mine = [j for j in range(num_shards) if j % pc == pi]
-    todo = [j for j in mine if not os.path.isfile(os.path.join(latents_dir, shards[j]))]
+    present = storage.names(latents_dir)
+    todo = [j for j in mine if shards[j] not in present]
     skipped = [shards[j] for j in mine if j not in todo]
     remaining = []
     if max_shards is not None and len(todo) > max_shards:
         todo, remaining = todo[:max_shards], [shards[j] for j in todo[max_shards:]]
-    for j in todo:  # a killed run's half-written shards
-        for name in os.listdir(latents_dir):
+    for j in todo:  # a killed run's half-written shards (local folders; gs:// never has any)
+        for name in present:
             if name.startswith(shards[j] + ".tmp"):
-                os.remove(os.path.join(latents_dir, name))
+                epath.Path(storage.join(latents_dir, name)).unlink(missing_ok=True)
     logging.info("Caching latents of %d images into %s: %d shards, host %d of %d has %d, %d done, "
                  "%d to write now", n, latents_dir, num_shards, pi, pc, len(mine), len(skipped), len(todo))
 
@@ -390,11 +407,15 @@ def cache_latents(config: ml_collections.ConfigDict, *, process_index: int | Non
         size = int(src.image_size)
         progress = metrics_lib.Progress(f"caching latents on {num_devices} device(s)", len(todo),
                                         items_per_batch=per_shard, unit="shard")
+        tmp_dir = tempfile.mkdtemp(prefix="lapflow_latents_")
         for done, j in enumerate(todo, 1):
             count = min(n, (j + 1) * per_shard) - j * per_shard
-            final = os.path.join(latents_dir, shards[j])
-            _write_shard(final, f"{final}.tmp-{pi}-{os.getpid()}", records, count, batch, encode,
-                         (size, size, int(src.channels)))
+            final = storage.join(latents_dir, shards[j])
+            # array_record writes local files only: on gs:// the shard is made in a local
+            # temporary folder and uploaded whole.
+            tmp = (os.path.join(tmp_dir, f"{shards[j]}.tmp-{pi}-{os.getpid()}") if storage.is_remote(final)
+                   else f"{final}.tmp-{pi}-{os.getpid()}")
+            _write_shard(final, tmp, records, count, batch, encode, (size, size, int(src.channels)))
             written.append(shards[j])
             progress.update(done, wrote=shards[j])
     missing = latents_data.missing_shards(latents_dir, info)
@@ -440,7 +461,7 @@ def _write_shard(final: str, tmp: str, records, count: int, batch: int, encode, 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    os.replace(tmp, final)
+    storage.publish(tmp, final)
 
 
 # --------------------------------------------------------------------------------------------

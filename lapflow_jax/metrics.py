@@ -260,3 +260,64 @@ def log_line(step: int, total: int, values: Mapping[str, float]) -> None:
     if "eta_s" in values:
         parts.append(f"ETA {format_eta(values['eta_s'])}")
     logging.info(" | ".join(parts))
+
+
+class StepProfiler:
+    """A jax.profiler trace of training steps [start, start + num_steps), written next to the events.
+
+    `logdir` is the TensorBoard folder: the trace lands in `logdir/plugins/profile/<run>/`, where
+    TensorBoard's profile plugin (and XProf) looks for it, as `<host>.xplane.pb` plus a Perfetto
+    `trace.json.gz`. Steps are counted as the log lines count them (the first step trained is 1).
+    jax's profiler writes through its own file layer, which we do not rely on for gs://: on an
+    object store the trace is written to a local temporary folder and copied up with etils.epath
+    when it stops. `enabled=False` (processes other than 0 unless log.profile_processes='all',
+    or start == 0) makes every method a no-op.
+    """
+
+    def __init__(self, logdir: str | epath.Path, *, start: int, num_steps: int, enabled: bool = True):
+        self.logdir = epath.Path(logdir)
+        self.first, self.last = start, start + num_steps - 1
+        self.enabled = enabled and start > 0 and num_steps > 0
+        self.active = False
+        self._local = None  # temporary folder while tracing for a gs:// logdir
+
+    def before_step(self, step: int) -> None:
+        """Call before training step `step` (1-based): starts the trace at the first chosen step."""
+        if not self.enabled or self.active or step != self.first:
+            return
+        import jax  # pylint: disable=import-outside-toplevel
+        if "://" in str(self.logdir):
+            import tempfile  # pylint: disable=import-outside-toplevel
+            self._local = epath.Path(tempfile.mkdtemp(prefix="lapflow_profile_"))
+            target = self._local
+        else:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            target = self.logdir
+        jax.profiler.start_trace(str(target), create_perfetto_trace=True)
+        self.active = True
+        logging.info("Profiling steps %d..%d into %s/plugins/profile", self.first, self.last, self.logdir)
+
+    def after_step(self, step: int, outputs=None) -> None:
+        """Call after step `step` with its outputs: stops the trace after the last chosen step."""
+        if self.active and step >= self.last:
+            self.stop(outputs)
+
+    def stop(self, outputs=None) -> None:
+        """Waits for `outputs` (so the traced steps are complete), stops, and copies a remote trace up."""
+        if not self.active:
+            return
+        import jax  # pylint: disable=import-outside-toplevel
+        if outputs is not None:
+            jax.block_until_ready(outputs)
+        jax.profiler.stop_trace()
+        self.active = False
+        if self._local is not None:
+            for path in self._local.rglob("*"):
+                if path.is_file():
+                    destination = self.logdir / path.relative_to(self._local)
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    destination.write_bytes(path.read_bytes())
+            import shutil  # pylint: disable=import-outside-toplevel
+            shutil.rmtree(self._local, ignore_errors=True)
+            self._local = None
+        logging.info("Profile of steps %d..%d written to %s/plugins/profile", self.first, self.last, self.logdir)

@@ -1,6 +1,6 @@
 """Multi-scale probability paths: time windows, noisy states, velocity targets, stages.
 
-Conventions (LAPFLOW.md): t in [0, 1], t = 0 is noise and t = 1 is data. Scale k = 0 is the
+Conventions (docs/method.md): t in [0, 1], t = 0 is noise and t = 1 is data. Scale k = 0 is the
 finest, k = L - 1 the coarsest, so every per-scale tuple here is ordered finest first, like
 `pyramid.decompose`. Scale k lives on its window [T_k, 1]; the coarsest starts at T_{L-1} = 0
 and finer scales start later, so `window_starts` decreases along the tuple, e.g. (0.5, 0.0).

@@ -1,4 +1,4 @@
-"""Laplacian pyramid of NHWC arrays and per-scale normalisation (LAPFLOW.md section 1).
+"""Laplacian pyramid of NHWC arrays and per-scale normalisation (docs/method.md section 1).
 
 Arrays are ``(..., H, W, C)``: any number of leading batch dimensions, spatial axes -3 and -2,
 channels last, any channel count. Scale ``k = 0`` is the finest (full resolution), ``k = L - 1`` the

@@ -302,6 +302,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     throughput = None
     consecutive_bad = 0
     interval = metrics_lib.IntervalMean()
+    profiler = metrics_lib.StepProfiler(
+        workdir / "tensorboard", start=config.log.profile_start_step, num_steps=config.log.profile_num_steps,
+        enabled=primary or config.log.profile_processes == "all")
     # SIGTERM on any host: every host saves the same step and exits 0.
     with ckpt_lib.Preemption(step) as preemption:
         while step < total:
@@ -316,8 +319,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                     flops_per_step_per_device=step_flops_per_device(
                                                         setup, train_step, state, batch))
                 throughput.start(step)
-            state, metrics = train_step(state, batch)
+            profiler.before_step(step + 1)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                state, metrics = train_step(state, batch)
             step += 1
+            profiler.after_step(step, metrics)
             # One fetch per step: the losses (exact resume is checked on these) for the interval
             # means, and the skip counter.
             fetched = jax.device_get({k: v for k, v in metrics.items()
@@ -358,6 +364,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if config.eval.every_steps and step % config.eval.every_steps == 0:
                 from lapflow_jax import evaluate  # pylint: disable=import-outside-toplevel  (it imports this module)
                 writer.scalars(step, evaluate.evaluate_in_training(setup, state, workdir, step))
+    profiler.stop()  # a run that ended (or was preempted) inside the traced steps
     checkpointer.wait()
     summary = {"step": step, "losses": losses, "samples": None}
     if step >= total:

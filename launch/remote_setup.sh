@@ -9,6 +9,9 @@
 #   VENV_DIR     virtualenv to create or reuse; a relative path is under $HOME
 #                (default lapflow-venv).
 #   PIP_EXTRAS   extras of lapflow-jax to install (default tpu): pip install -e '.[tpu]'.
+#   CONSTRAINTS  pip constraints (lock) file, relative to the code root (default
+#                launch/constraints-tpu.txt: the jax/jaxlib/libtpu/flax/orbax/grain versions
+#                every compile and memory figure was measured with). Empty: newest releases.
 #   PYTHON       interpreter for the virtualenv. Default: the first of python3.12,
 #                python3.11 and python3 that is at least 3.11; when none is (the TPU
 #                images run Ubuntu 22.04 with Python 3.10), python3.11 from apt.
@@ -20,6 +23,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
 VENV_DIR=${VENV_DIR:-lapflow-venv}
 PIP_EXTRAS=${PIP_EXTRAS:-tpu}
+CONSTRAINTS=${CONSTRAINTS-launch/constraints-tpu.txt}
 [[ "$VENV_DIR" == /* ]] || VENV_DIR="$HOME/$VENV_DIR"
 [[ -f setup.py ]] || die "run from the root of the lapflow-jax code (no setup.py in $(pwd))"
 
@@ -45,7 +49,12 @@ fi
 
 [[ -x "$VENV_DIR/bin/python" ]] || run_cmd "$PYTHON" -m venv "$VENV_DIR"
 run_cmd "$VENV_DIR/bin/python" -m pip install --quiet --upgrade pip
-run_cmd "$VENV_DIR/bin/python" -m pip install --quiet -e ".[$PIP_EXTRAS]"
+if [[ -n "$CONSTRAINTS" ]]; then
+  [[ -f "$CONSTRAINTS" ]] || die "CONSTRAINTS='$CONSTRAINTS': no such file under $(pwd)"
+  run_cmd "$VENV_DIR/bin/python" -m pip install --quiet -c "$CONSTRAINTS" -e ".[$PIP_EXTRAS]"
+else
+  run_cmd "$VENV_DIR/bin/python" -m pip install --quiet -e ".[$PIP_EXTRAS]"
+fi
 # Importing jax does not touch the TPU, so this is safe on one worker of a pod at a time.
 run_cmd "$VENV_DIR/bin/python" -c 'import jax, lapflow_jax; print("jax", jax.__version__, "installed in", jax.__file__)'
 log "worker ready: $VENV_DIR/bin/python -m lapflow_jax.main"

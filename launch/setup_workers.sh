@@ -3,7 +3,9 @@
 # once) and install it there with the TPU extra of jax, in a virtualenv (remote_setup.sh).
 # The code is this checkout (a tarball copied with `gcloud compute tpus tpu-vm scp`) or,
 # when REPO_URL is set, a `git clone` made on each worker. Safe to rerun: it replaces the
-# code directory and reuses the virtualenv.
+# code directory and reuses the virtualenv. User data the configs' relative defaults put in the
+# code directory (latents/, autoencoders/, weights/) is kept across the replacement and never
+# copied from here (keep large data in a bucket: docs/cloud_tpu.md).
 #
 # Usage: launch/setup_workers.sh [--dry-run] [NAME=VALUE ...]
 #
@@ -42,6 +44,12 @@ PIP_EXTRAS=${PIP_EXTRAS:-tpu}
 where=(--zone="$ZONE" --project="$PROJECT")
 install="cd $REMOTE_DIR; VENV_DIR=$(printf '%q' "$VENV_DIR") PIP_EXTRAS=$PIP_EXTRAS bash launch/remote_setup.sh"
 
+# User data inside the old code directory moves aside while the code is replaced, then back.
+keep="mkdir -p $REMOTE_DIR.keep; for d in latents autoencoders weights;"
+keep+=" do if [ -e $REMOTE_DIR/\$d ]; then mv $REMOTE_DIR/\$d $REMOTE_DIR.keep/; fi; done"
+restore="for d in latents autoencoders weights;"
+restore+=" do if [ -e $REMOTE_DIR.keep/\$d ]; then mv $REMOTE_DIR.keep/\$d $REMOTE_DIR/; fi; done; rmdir $REMOTE_DIR.keep"
+
 if [[ -n "$REPO_URL" ]]; then
   fetch="git clone --quiet $(printf '%q' "$REPO_URL") $REMOTE_DIR"
   [[ -z "$REPO_REF" ]] || fetch+="; git -C $REMOTE_DIR checkout --quiet $(printf '%q' "$REPO_REF")"
@@ -53,11 +61,12 @@ else
   remote_tarball="$REMOTE_DIR.tar.gz"
   log "copying $SRC_DIR to every worker of $TPU_NAME"
   run_cmd tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=__pycache__ \
-    --exclude='*.egg-info' --exclude=.pytest_cache --exclude=./workdirs -C "$SRC_DIR" .
+    --exclude='*.egg-info' --exclude=.pytest_cache --exclude=./workdirs \
+    --exclude=./latents --exclude=./autoencoders --exclude=./weights -C "$SRC_DIR" .
   run_cmd gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:$remote_tarball" --worker=all "${where[@]}"
   fetch="mkdir $REMOTE_DIR; tar -xzf $remote_tarball -C $REMOTE_DIR; rm $remote_tarball"
 fi
 
 log "installing lapflow-jax[$PIP_EXTRAS] in ~/$VENV_DIR on every worker"
 run_cmd gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${where[@]}" \
-  --command="set -euo pipefail; rm -rf $REMOTE_DIR; $fetch; $install"
+  --command="set -euo pipefail; $keep; rm -rf $REMOTE_DIR; $fetch; $restore; $install"

@@ -40,6 +40,9 @@
 #   RECHECK_SECONDS    when the run fails but the TPU still looks healthy, seconds to wait
 #                      before reading its state once more, since a preemption can take a
 #                      while to show (default 60).
+#   RELAUNCH_TRIES     tries at recreating and setting up a preempted TPU before giving up
+#                      (default 3), BACKOFF_SECONDS apart, the wait doubling each time.
+#   BACKOFF_SECONDS    first wait between those tries (default 60).
 #   REMOTE_DIR         code directory on each worker, under its home (default lapflow-jax).
 #   VENV_DIR           virtualenv on each worker, under its home (default lapflow-venv).
 #   QUEUED_RESOURCE    id of the queued resource (default TPU_NAME).
@@ -55,7 +58,8 @@
 #   DRY_RUN            1 prints the commands of one attempt instead of running them
 #                      (--dry-run).
 #   COMPILE_CHECK      1 runs the compile check first (--compile-check); it needs this
-#                      checkout installed here with the TPU compiler: pip install -e '.[tpu]'.
+#                      checkout installed here with the TPU compiler:
+#                      pip install -c launch/constraints-tpu.txt -e '.[tpu]'.
 #   TOPOLOGY           topology for the compile check (default: from ACCELERATOR_TYPE, e.g.
 #                      v5p-128 -> v5p:4x4x4).
 #   LOCAL_PYTHON       interpreter that runs the compile check here (default python3).
@@ -81,13 +85,15 @@ tpu_parse "$ACCELERATOR_TYPE"
 NUM_WORKERS=${NUM_WORKERS:-$tpu_hosts}
 MAX_RETRIES=${MAX_RETRIES:-3}
 RECHECK_SECONDS=${RECHECK_SECONDS:-60}
+RELAUNCH_TRIES=${RELAUNCH_TRIES:-3}
+BACKOFF_SECONDS=${BACKOFF_SECONDS:-60}
 RUN_NAME=${RUN_NAME:-$(basename "$CONFIG" .py)}
 LOG_DIR=${LOG_DIR:-$(dirname "$launch_dir")/workdirs/tpu-logs/$TPU_NAME/$(date +%Y%m%d-%H%M%S)}
 REMOTE_DIR=${REMOTE_DIR:-lapflow-jax}
 VENV_DIR=${VENV_DIR:-lapflow-venv}
 QUEUED_RESOURCE=${QUEUED_RESOURCE:-$TPU_NAME}
 export QUEUED_RESOURCE REMOTE_DIR VENV_DIR
-for name in NUM_WORKERS MAX_RETRIES RECHECK_SECONDS; do
+for name in NUM_WORKERS MAX_RETRIES RECHECK_SECONDS RELAUNCH_TRIES BACKOFF_SECONDS; do
   [[ "${!name}" =~ ^[0-9]+$ ]] || die "$name='${!name}': expected a whole number"
 done
 ((NUM_WORKERS > 0)) || die "NUM_WORKERS must be at least 1"
@@ -179,8 +185,18 @@ while :; do
       "later to resume from the last checkpoint in $WORKDIR (logs in $LOG_DIR)"
   attempt=$((attempt + 1))
   log "retry $attempt of $MAX_RETRIES: recreating $TPU_NAME"
-  "$launch_dir/delete_tpu.sh" || die "could not delete $TPU_NAME before recreating it"
-  "$launch_dir/create_tpu.sh" ||
-    die "could not recreate $TPU_NAME; rerun this script once capacity is back (it resumes from $WORKDIR)"
-  "$launch_dir/setup_workers.sh" || die "could not set up the workers of the recreated $TPU_NAME"
+  # The recreated VMs are bare: set them up again before training relaunches. Capacity or a
+  # worker's ssh can fail for a while, so the whole step is retried with a doubling wait.
+  wait_seconds=$BACKOFF_SECONDS
+  for ((try = 1; ; try++)); do
+    if "$launch_dir/delete_tpu.sh" && "$launch_dir/create_tpu.sh" && "$launch_dir/setup_workers.sh"; then
+      break
+    fi
+    ((try < RELAUNCH_TRIES)) ||
+      die "could not recreate and set up $TPU_NAME ($try tries); rerun this script once capacity is back" \
+        "(it resumes from $WORKDIR)"
+    log "recreating or setting up $TPU_NAME failed (try $try of $RELAUNCH_TRIES); again in ${wait_seconds}s"
+    sleep "$wait_seconds"
+    wait_seconds=$((wait_seconds * 2))
+  done
 done

@@ -214,7 +214,7 @@ def test_empty_or_missing_folder_and_missing_tfds_dir_stop_before_compiling(tmp_
                             "pyramid.sigmas": (0.1, 0.4)})
     with pytest.raises(FileNotFoundError) as e:
         train.train(config, str(tmp_path / "work"))
-    assert f"tfds data_dir {missing} does not exist (config data.data_dir)" in str(e.value)
+    assert f"tfds data_dir {missing} does not exist (config.data.data_dir)" in str(e.value)
     assert "tfds build celeb_a_hq/256" in str(e.value)
     assert not list((tmp_path / "work").glob("checkpoints/*"))
 

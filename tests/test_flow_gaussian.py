@@ -10,7 +10,7 @@ exactly, so the output law N(m, M M^T) is compared with the data's to the integr
 no Monte Carlo noise: per scale block (A_k Sigma A_l^T) and in full image space. Any mistake in the
 windows, the entry noise scales, the targets or the segment hand-over shows up there.
 
-The same measurement documents a property of the method (LAPFLOW.md, last section): with
+The same measurement documents a property of the method (docs/method.md, last section): with
 block-causal attention the coarse velocity cannot see finer states, so even a perfect model learns
 E[u_coarse | coarse states] and the field does not carry noise exactly to the data law. Its error
 sits in the finest block and the fine-coarse cross-covariance; the coarsest block is exact.

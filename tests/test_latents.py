@@ -311,3 +311,13 @@ def test_decode_on_the_mesh_and_in_the_eval_program_equal_one_device(world, stra
     assert features == {}
     want_pixels = np.clip(np.rint((want + 1) * 127.5), 0, 255)
     assert np.abs(np.asarray(pixels).astype(int) - want_pixels).max() <= 1  # a rounding tie at most
+
+
+def test_missing_tfds_source_names_the_latent_source_field(world, tmp_path):
+    """Caching reads config.latent.source: a missing tfds folder is reported under that name."""
+    config = load_config(write_config(world, "tfds_missing", tmp_path / "latents"))
+    config.latent.source.name = "tfds"
+    config.latent.source.tfds_name = "imagenet2012"
+    config.latent.source.data_dir = str(tmp_path / "no_tfds_here")
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(config\.latent\.source\.data_dir\)"):
+        latents.cache_latents(config)

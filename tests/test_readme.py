@@ -154,6 +154,25 @@ def test_readme_keeps_its_two_commands_and_links_the_docs():
     assert "](docs/demo_samples.png)" in section(text, "## Demo")
 
 
+def test_license_and_method_page_are_in_the_repository_and_nothing_cites_outside_it():
+    """Apache-2.0 in full; docs/method.md is the method page everything cites (no ../shared/ path)."""
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text and len(license_text.splitlines()) > 190
+    assert "## 1. The pyramid" in (REPO / "docs" / "method.md").read_text()
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    cites = []
+    for name in tracked:
+        path = REPO / name
+        if path.suffix not in (".py", ".md", ".sh", ".ipynb", ".yaml", ".txt", ".cfg", ".toml") or not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        for bad in ("shared/LAPFLOW", "LAPFLOW.md"):
+            if bad in text and path.name != "test_readme.py":
+                cites.append(f"{name}: {bad}")
+    assert not cites, cites
+
+
 def _slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 

@@ -355,3 +355,123 @@ def test_training_run_with_a_gs_workdir_writes_there_and_resumes_from_there(gcs,
     assert steps == [1, 2, 3, 4]
     assert "runs/tiny/checkpoints/4/commit_success.txt" in gcs.names("runs/tiny/checkpoints/4/")
     assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------
+# Latents cached into the bucket by 2 hosts (jax.distributed on localhost), read back by training.
+
+_CACHE_SCRIPT = """
+import sys
+import jax
+from lapflow_jax import latents
+import test_latents
+config_path, process_id, num_processes, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if num_processes > 1:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+                               process_id=process_id)
+summary = latents.cache_latents(test_latents.load_config(config_path))
+print("WROTE", process_id, sorted(summary["written"]))
+"""
+
+
+_READ_SCRIPT = """
+import hashlib
+import sys
+import test_latents
+from lapflow_jax.data import pipeline
+data = test_latents.load_config(sys.argv[1]).data
+iterator = pipeline.make_train_iterator(data, global_batch_size=4, seed=3, process_index=0, process_count=1)
+digest = hashlib.sha256()
+for _ in range(3):
+    batch = next(iterator)
+    digest.update(batch["image"].tobytes() + batch["label"].tobytes())
+print("BATCHES", digest.hexdigest())
+"""
+
+
+def _cache(gcs, config_path: str, num_processes: int) -> list[str]:
+    env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", _CACHE_SCRIPT, config_path, str(i), str(num_processes), port],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(num_processes)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    failed = [f"process {i}: {err[-2000:]}" for i, (p, (_, err)) in enumerate(zip(procs, outs)) if p.returncode]
+    assert not failed, "\n".join(failed)
+    return [line for out, _ in outs for line in out.splitlines() if line.startswith("WROTE")]
+
+
+@pytest.mark.slow
+def test_latents_cached_to_gs_by_two_hosts_equal_a_local_single_host_cache(gcs, tmp_path):
+    """Two jax.distributed processes cache into the bucket, with the autoencoder itself on gs://:
+    the shards equal a local single-process cache byte for byte, and the training pipeline reads
+    the same batches from either."""
+    import test_latents as lt
+    from etils import epath
+    from PIL import Image
+
+    from lapflow_jax import autoencoder as ae
+    from lapflow_jax.data import latents as latents_data
+    from lapflow_jax.data import pipeline, sources
+
+    world = tmp_path
+    photos = ("astronaut", "chelsea", "coffee", "rocket")
+    for i in range(lt.NUM_IMAGES):
+        (world / "images" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sources.load_demo_photo(photos[i % 4])).resize((20 + i, 18 + 2 * (i % 3))).save(
+            world / "images" / "ab"[i % 2] / f"{i:02d}.png")
+    ae_config = ae.AutoencoderKLConfig(**lt.TINY_AE)
+    ae.save_converted(ae.AutoencoderKL(ae_config, seed=0), ae_config, world / "ae")
+    for path in (world / "ae").rglob("*"):  # the weights, in the bucket
+        if path.is_file():
+            gcs.write(f"weights/ae/{path.relative_to(world / 'ae')}", path.read_bytes())
+
+    local_config = lt.write_config(world, "local", world / "local_latents")
+    assert _cache(gcs, local_config, 1) == ["WROTE 0 " + str([latents_data.shard_name(j, 4) for j in range(4)])]
+    gs_dir = gcs.gs("latents/run")
+    gs_config = lt.write_config(world, "remote", gs_dir, autoencoder=gcs.gs("weights/ae"))
+    wrote = _cache(gcs, gs_config, 2)
+    assert sorted(wrote) == ["WROTE 0 " + str([latents_data.shard_name(j, 4) for j in (0, 2)]),
+                             "WROTE 1 " + str([latents_data.shard_name(j, 4) for j in (1, 3)])], wrote
+
+    # Byte for byte, read through the emulator's HTTP API; nothing but the 4 shards and the info.
+    local = {p.name: p.read_bytes() for p in (world / "local_latents").iterdir()}
+    remote = {name.rsplit("/", 1)[-1]: gcs.read(name) for name in gcs.names("latents/run/")}
+    assert sorted(remote) == sorted(local) and len(remote) == 5, sorted(remote)
+    shards = [n for n in local if n.endswith(".array_record")]
+    assert [n for n in shards if local[n] != remote[n]] == []
+    info_local, info_remote = json.loads(local[latents_data.INFO_NAME]), json.loads(remote[latents_data.INFO_NAME])
+    assert info_remote["autoencoder"].pop("path") == gcs.gs("weights/ae")
+    info_local["autoencoder"].pop("path")
+    assert info_local == info_remote
+
+    # Training's input pipeline reads the gs:// cache (array_record opens gs:// itself): same batches.
+    # In a child process, which must also exit (an in-process read left pytest hanging at exit).
+    digests = []
+    for config_path in (local_config, gs_config):
+        env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu",
+               "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+        proc = subprocess.run([sys.executable, "-c", _READ_SCRIPT, config_path], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        digests.append(proc.stdout.split()[-1])
+    assert digests[0] == digests[1] and len(digests[0]) == 64, digests
+    assert epath.Path(gs_dir).is_dir()
+
+
+def test_weight_files_and_folders_load_from_gs(gcs, tmp_path, monkeypatch):
+    """Inception's .pth file and an autoencoder folder on gs:// are copied once to the local cache."""
+    from lapflow_jax import storage
+    from lapflow_jax.evaluation import inception
+
+    monkeypatch.setenv("LAPFLOW_CACHE", str(tmp_path / "cache"))
+    gcs.write("weights/pt_inception.pth", b"\x01\x02weights")
+    gcs.write("weights/ae/params/d/x", b"array bytes")
+    gcs.write("weights/ae/config.json", b"{}")
+    local = storage.local_file(gcs.gs("weights/pt_inception.pth"))
+    assert local.startswith(str(tmp_path / "cache")) and Path(local).read_bytes() == b"\x01\x02weights"
+    folder = Path(storage.local_copy(gcs.gs("weights/ae")))
+    assert (folder / "params" / "d" / "x").read_bytes() == b"array bytes" and (folder / "config.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no weight file at 'gs://"):
+        inception.load_fid_inception(gcs.gs("weights/missing.pth"))

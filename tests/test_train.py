@@ -135,3 +135,44 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] >= 3
     assert "Preempted" in err
+
+
+def _traced_steps(xplane_path) -> list[int]:
+    """Step numbers of the StepTraceAnnotation("train") events in a jax.profiler xplane.pb file."""
+    data = jax.profiler.ProfileData.from_file(str(xplane_path))
+    steps = set()
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name == "train":
+                    steps.update(int(v) for k, v in event.stats if k == "step_num")
+    return sorted(steps)
+
+
+@pytest.mark.slow
+def test_profiler_traces_the_chosen_steps_next_to_the_tensorboard_events(tmp_path):
+    """log.profile_start_step=2, profile_num_steps=2 of a 3-step run: a trace of steps 2 and 3 only."""
+    import gzip
+
+    config = tiny_config(**{"train.num_steps": 3, "log.profile_start_step": 2, "log.profile_num_steps": 2,
+                            "mesh_shape": (-1, 1), "train.global_batch_size": 16})
+    train.train(config, str(tmp_path))
+    runs = list((tmp_path / "tensorboard" / "plugins" / "profile").iterdir())
+    assert len(runs) == 1, runs
+    xplanes = list(runs[0].glob("*.xplane.pb"))
+    assert len(xplanes) == 1, list(runs[0].iterdir())  # process 0 only (profile_processes='first')
+    assert _traced_steps(xplanes[0]) == [2, 3]
+    # The trace-viewer and Perfetto (ui.perfetto.dev) files parse as Chrome trace-event JSON.
+    names = sorted(p.name for p in runs[0].glob("*.json.gz"))
+    assert names == ["perfetto_trace.json.gz", xplanes[0].name.replace(".xplane.pb", ".trace.json.gz")], names
+    for name in names:
+        with gzip.open(runs[0] / name, "rt") as f:
+            events = json.load(f)["traceEvents"]
+        assert any(e.get("name") == "train" for e in events), (name, len(events))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*")), "events beside the trace"
+
+
+def test_profiler_fields_are_validated():
+    with pytest.raises(ValueError, match="config.log.profile_processes='some'"):
+        from lapflow_jax import config as config_lib
+        config_lib.validate(tiny_config(**{"log.profile_processes": "some"}))

@@ -25,6 +25,10 @@ with v = 1 with probability 1/2 when ``data.random_flip`` (else 0), and eps, v d
 depend on neither host nor worker count. The scaling factor is the autoencoder checkpoint's
 (0.18215 for SD-VAE), recorded in the info file.
 
+The folder may be local or on an object store (``gs://bucket/latents``): listing and the info
+file go through etils.epath (lapflow_jax/storage.py), the shards through array_record's reader,
+which opens gs:// itself.
+
 This module imports neither jax nor the autoencoder, so Grain worker processes stay light.
 """
 
@@ -37,6 +41,9 @@ from typing import Any
 import grain
 import msgpack
 import numpy as np
+from etils import epath
+
+from lapflow_jax import storage
 
 INFO_NAME = "latents_info.json"
 FORMAT = "lapflow_jax.latents.v1"
@@ -49,7 +56,7 @@ def shard_name(index: int, num_shards: int) -> str:
 
 
 def info_path(latents_dir: str | os.PathLike) -> str:
-    return os.path.join(os.fspath(latents_dir), INFO_NAME)
+    return storage.join(latents_dir, INFO_NAME)
 
 
 def _how_to_make(latents_dir: str) -> str:
@@ -64,14 +71,13 @@ def read_info(latents_dir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError("config.data.latents_dir is empty: set it to the folder written by "
                          "`python -m lapflow_jax.latents` (docs/latent.md)")
     path = info_path(latents_dir)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"no cached latents in {latents_dir} (config.data.latents_dir): "
                                 f"{INFO_NAME} is missing; " + _how_to_make(latents_dir))
-    with open(path) as f:
-        try:
-            info = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    try:
+        info = json.loads(epath.Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ValueError(f"{path}: not written by lapflow_jax.latents (format "
                          f"{info.get('format') if isinstance(info, dict) else None!r}, expected "
@@ -81,8 +87,8 @@ def read_info(latents_dir: str | os.PathLike) -> dict[str, Any]:
 
 def missing_shards(latents_dir: str | os.PathLike, info: dict[str, Any]) -> list[str]:
     """Shard files listed in ``info`` that are not (yet) in ``latents_dir``."""
-    return [name for name in info["shards"]
-            if not os.path.isfile(os.path.join(os.fspath(latents_dir), name))]
+    present = storage.names(latents_dir)
+    return [name for name in info["shards"] if name not in present]
 
 
 def latent_shape(latents_dir: str | os.PathLike) -> tuple[int, int, int]:
@@ -120,7 +126,7 @@ class LatentSource:
     """
 
     def __init__(self, latents_dir: str | os.PathLike):
-        self.latents_dir = os.path.abspath(os.fspath(latents_dir))
+        self.latents_dir = storage.resolve(latents_dir)
         self.info = read_info(self.latents_dir)
         missing = missing_shards(self.latents_dir, self.info)
         if missing:
@@ -128,7 +134,7 @@ class LatentSource:
                 f"latent caching into {self.latents_dir} has not finished: {len(missing)} of "
                 f"{len(self.info['shards'])} shards missing (e.g. {missing[0]}); rerun the "
                 "caching command on every host, it resumes where it stopped")
-        self.paths = [os.path.join(self.latents_dir, n) for n in self.info["shards"]]
+        self.paths = [storage.join(self.latents_dir, n) for n in self.info["shards"]]
         self.shape = (len(self.info["variants"]), *self.info["latent_shape"])
         self.dtype = self.info["store_dtype"]
         self.num_images = int(self.info["num_images"])

@@ -164,7 +164,7 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
     return sources.tfds_num_classes(cfg.tfds_name, cfg.data_dir)
 
 
-def make_source(cfg: ml_collections.ConfigDict, split: str):
+def make_source(cfg: ml_collections.ConfigDict, split: str, *, field: str = "config.data"):
     """The random-access source of ``split`` for ``cfg.name`` (see sources.py).
 
     Demo photos: "train" gives ``num_records`` crops from ``demo_seed``; any other split
@@ -193,7 +193,8 @@ def make_source(cfg: ml_collections.ConfigDict, split: str):
         return image_folder.image_folder_source(cfg.folder, data_dir=cfg.data_dir, split=split)
     if cfg.name == "latents":
         return latents.LatentSource(cfg.latents_dir)
-    return sources.tfds_source(cfg.tfds_name, data_dir=cfg.data_dir, split=split)
+    # `field`: where cfg sits in the experiment config, for the errors ("config.latent.source").
+    return sources.tfds_source(cfg.tfds_name, data_dir=cfg.data_dir, split=split, field=field)
 
 
 class Preprocess(grain.transforms.MapWithIndex):

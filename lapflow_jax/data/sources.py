@@ -432,21 +432,23 @@ def _prepare_hint(name: str, data_dir: str) -> str:
     )
 
 
-def find_tfds_dataset_dir(name: str, data_dir: str) -> Path:
+def find_tfds_dataset_dir(name: str, data_dir: str, *, field: str = "config.data") -> Path:
     """Returns the prepared version folder ``<data_dir>/<name>[/<config>]/<version>``.
 
     ``name`` is "dataset[/config][:version]". The newest version holding a
     dataset_info.json is chosen when no version is given. Raises FileNotFoundError
     naming the path and how to prepare the dataset when it is missing, and ValueError
-    when it was prepared in a format that cannot be read randomly (TFRecord).
+    when it was prepared in a format that cannot be read randomly (TFRecord). ``field`` is the
+    data config the values come from, as errors name it ("config.latent.source" when caching
+    latents).
     """
     if not name:
-        raise ValueError("config data.tfds_name is empty (expected e.g. 'celeb_a_hq/256')")
+        raise ValueError(f"{field}.tfds_name is empty (expected e.g. 'celeb_a_hq/256')")
     data_dir = data_dir or default_tfds_data_dir()
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"tfds data_dir {root} does not exist (config data.data_dir). "
+            f"tfds data_dir {root} does not exist ({field}.data_dir). "
             + _prepare_hint(name, str(root))
         )
     base, _, version = name.partition(":")
@@ -487,7 +489,7 @@ def _feature_specs(version_dir: Path) -> dict[str, Any]:
     return spec.get("featuresDict", {}).get("features", {})
 
 
-def tfds_source(name: str, *, data_dir: str = "", split: str = "train"):
+def tfds_source(name: str, *, data_dir: str = "", split: str = "train", field: str = "config.data"):
     """Returns ``tfds.data_source(name, split=split, data_dir=data_dir)`` with images
     left encoded (bytes; the pipeline decodes them with PIL).
 
@@ -498,7 +500,7 @@ def tfds_source(name: str, *, data_dir: str = "", split: str = "train"):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
     data_dir = data_dir or default_tfds_data_dir()
-    found = find_tfds_dataset_dir(name, data_dir)
+    found = find_tfds_dataset_dir(name, data_dir, field=field)
     features = _feature_specs(found)
     if features and "image" not in features:
         raise ValueError(f"tfds dataset {name!r} at {found} has no 'image' feature "

@@ -429,7 +429,18 @@ def convert_state_dict(
 
 
 def load_fid_inception(path: str | os.PathLike) -> InceptionV3:
-    """Builds the FID InceptionV3 from the local pt_inception-2015-12-05-6726825d.pth file."""
+    """Builds the FID InceptionV3 from the pt_inception-2015-12-05-6726825d.pth file.
+
+    `path` is local or a URL (gs://bucket/weights/pt_inception-....pth): a remote file is copied
+    once to $LAPFLOW_CACHE (default ~/.cache/lapflow) by storage.local_file.
+    """
+    from lapflow_jax import storage  # pylint: disable=import-outside-toplevel
+
+    if storage.is_remote(path):
+        try:
+            path = storage.local_file(path)
+        except FileNotFoundError:
+            path = os.fspath(path)  # reported below, by its URL
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"load_fid_inception: no weight file at {os.fspath(path)!r}; download"
