@@ -319,11 +319,13 @@ def dopri5_dense(velocity_fn: VelocityFn, args, states, t0, t1, rtol, atol, *, i
 def integrate_segment(velocity_fn: VelocityFn, args, states, t0: float, t1: float, *, method: str, num_steps: int,
                       rtol: float = 1e-3, atol: float = 1e-3) -> tuple[list[jax.Array], int]:
     """One segment as `sample` integrates it: (states at t1, NFE). For callers that assemble their
-    own segments (conditional.py); num_steps is the initial step count for dopri5."""
+    own segments (conditional.py); num_steps is the initial step count for dopri5, which runs as the
+    library reference does (one step size for the batch, the state norm, a cold start), the
+    behaviour conditional sampling's dense-output inversion is paired with."""
     if method == "dopri5":
         h0 = jnp.full((states[0].shape[0],), (t1 - t0) / num_steps, states[0].dtype)
         final, _, stats = _dopri5_segment(velocity_fn, args, states, t0, t1, h0, rtol, atol,
-                                          options=Dopri5Options(carry_step=False, error_norm="state"))
+                                          options=DOPRI5_RESTART)
         return final, int(stats["batch_nfe"])
     final = _fixed_step_segment(velocity_fn, args, states, t0, t1, method=method, num_steps=num_steps)
     return final, num_steps * (1 if method == "euler" else 2)
