@@ -106,15 +106,21 @@ _DOPRI5_SETTINGS = ("dopri5_carry_step", "dopri5_norm", "dopri5_per_sample")
 _DOPRI5_BEFORE = {"sample.dopri5_carry_step": False, "sample.dopri5_norm": "state", "sample.dopri5_per_sample": False}
 
 
-def _check_settings(config: ml_collections.ConfigDict, out_dir: epath.Path, seed: int, primary: bool) -> None:
-    """Records the settings in out_dir/settings.json, or checks them against an earlier run's."""
+def settings_of(config: ml_collections.ConfigDict, keys, seed: int) -> dict:
+    """{"seed": seed, key: the config's value} for dotted keys ("sample.method", "model")."""
     flat = json.loads(config.to_json())
     now = {"seed": seed}
-    for key in _SETTINGS:
+    for key in keys:
         node = flat
         for part in key.split("."):
             node = node[part]
         now[key] = node
+    return now
+
+
+def _check_settings(config: ml_collections.ConfigDict, out_dir: epath.Path, seed: int, primary: bool) -> None:
+    """Records the settings in out_dir/settings.json, or checks them against an earlier run's."""
+    now = settings_of(config, _SETTINGS, seed)
     if config.sample.method == "dopri5":
         # An earlier dopri5 run without these fields used the old solver (cold restart per segment,
         # state norm, one step for the batch): resuming it with the new one is refused.

@@ -49,6 +49,12 @@ def publish(local_file: str, final: str) -> None:
         os.replace(local_file, final)
 
 
+def _cache_path(path: str, cache_root: str | None) -> str:
+    """Where a remote object's local copy lives: $LAPFLOW_CACHE (or ~/.cache/lapflow)/remote/<hash>/<name>."""
+    root = cache_root or os.environ.get("LAPFLOW_CACHE") or os.path.expanduser("~/.cache/lapflow")
+    return os.path.join(root, "remote", hashlib.sha256(path.encode()).hexdigest()[:16], path.rsplit("/", 1)[-1])
+
+
 def local_copy(path: str | os.PathLike, *, cache_root: str | None = None) -> str:
     """A local folder with the contents of `path`: `path` itself when local, else a cached copy.
 
@@ -59,9 +65,7 @@ def local_copy(path: str | os.PathLike, *, cache_root: str | None = None) -> str
     path = os.fspath(path)
     if not is_remote(path):
         return os.path.abspath(os.path.expanduser(path))
-    root = cache_root or os.environ.get("LAPFLOW_CACHE") or os.path.expanduser("~/.cache/lapflow")
-    target = os.path.join(root, "remote", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16],
-                          path.rstrip("/").rsplit("/", 1)[-1])
+    target = _cache_path(path.rstrip("/"), cache_root)
     if os.path.isdir(target):
         return target
     source = epath.Path(path)
@@ -92,8 +96,7 @@ def local_file(path: str | os.PathLike, *, cache_root: str | None = None) -> str
     path = os.fspath(path)
     if not is_remote(path):
         return os.path.abspath(os.path.expanduser(path))
-    root = cache_root or os.environ.get("LAPFLOW_CACHE") or os.path.expanduser("~/.cache/lapflow")
-    target = os.path.join(root, "remote", hashlib.sha256(path.encode()).hexdigest()[:16], path.rsplit("/", 1)[-1])
+    target = _cache_path(path, cache_root)
     if os.path.isfile(target):
         return target
     source = epath.Path(path)

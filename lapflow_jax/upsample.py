@@ -235,13 +235,7 @@ def comparison_grid(arrays: dict[str, np.ndarray], rows: int) -> np.ndarray:
 
 
 def _check_settings(config, out_dir: epath.Path, seed: int) -> None:
-    flat = json.loads(config.to_json())
-    now = {"seed": seed}
-    for key in _SETTINGS:
-        node = flat
-        for part in key.split("."):
-            node = node[part]
-        now[key] = node
+    now = sample_lib.settings_of(config, _SETTINGS, seed)
     path = out_dir / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
