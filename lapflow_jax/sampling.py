@@ -402,8 +402,8 @@ def sample(velocity_fn: VelocityFn, args, path: MultiScalePath, noise: Sequence[
             nfes.append(int(seg.pop("batch_nfe")))
             stats.append({**jax.tree.map(np.asarray, seg), "h_start": np.asarray(h_start)})
         else:
-            states = _fixed_step_segment(velocity_fn, args, states, t0, t1, method=method, num_steps=n)
-            nfes.append(n * (1 if method == "euler" else 2))
+            states, nfe = integrate_segment(velocity_fn, args, states, t0, t1, method=method, num_steps=n)
+            nfes.append(nfe)
         if previews:
             # At t = 1 the state is the sample itself; elsewhere ask the model for x1's estimate.
             clean = states if t1 >= 1.0 else _preview(velocity_fn, args, states, t1, path=path)
