@@ -109,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.dopri5_carry_step = True
     c.sample.dopri5_norm = "image"
     c.sample.dopri5_per_sample = True
+    # Samples per data shard in one model call (0: the whole sample batch in one call). Set, the
+    # batch is evaluated in chunks of that shape (lax.map), so sample i is the same bits at any
+    # sample batch that divides into chunks (XLA rounds a row differently at different batch
+    # sizes), and a big sample batch needs only one chunk's activations.
+    c.sample.rows_per_call = 0
     c.sample.previews = True
     c.sample.use_ema = True
     c.sample.grid_images = 64         # sample mode: images in grid.png (the .npz has all of them).
@@ -249,6 +254,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.sample.dopri5_norm={c.sample.dopri5_norm!r} is not one of {ERROR_NORMS}.")
     if c.sample.method not in METHODS:
         raise ValueError(f"config.sample.method={c.sample.method!r} is not one of {METHODS}.")
+    rows = c.sample.get("rows_per_call", 0)
+    if rows < 0 or (rows and c.sample.batch_size % rows):
+        raise ValueError(f"config.sample.rows_per_call={rows} must be 0 (one call per batch) or divide "
+                         f"config.sample.batch_size={c.sample.batch_size}.")
     if c.model.conditional and c.sample.guidance_scale != 1.0 and c.model.class_dropout == 0:
         # Without label dropout the model has no null-class row (and never learns an unconditional
         # velocity): guidance would silently read a real class as its "null" (JAX clamps the index).

@@ -312,7 +312,7 @@ def samples_from_model(config: ml_collections.ConfigDict, setup, params: Any, si
         # Only dopri5's images depend on these (and identities of other methods stay as they were).
         identity.update({f"sample.{k}": config.sample[k] for k in DOPRI5_SETTINGS})
     pixel_shape = _pixel_shape(config, setup.image_shape)
-    batch = streaming.global_batch(config.sample.batch_size, setup.mesh)
+    batch = streaming.global_batch(config.sample.batch_size, setup.mesh, config.sample.get("rows_per_call", 0))
     base = jax.random.key(seed)
 
     def make_batch(j: int) -> streaming.Batch:

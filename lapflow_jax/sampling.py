@@ -179,7 +179,8 @@ class Dopri5Options:
       scale, with most elements and unit variance, dominates, although its pixel error is its
       sigma times smaller).
     per_sample: each sample has its own time and step size (the RMS is over its own pixels), so
-      sample i does not depend on which other samples share its batch; False: one step size
+      sample i does not depend on which other samples share its batch (bit for bit, wherever
+      the velocity field is: its norm is computed row by row); False: one step size
       for the batch from the RMS over all samples (diffrax's behaviour on a batched state).
     time_bins: resolution of the per-t step table (`SampleResult.dopri5_stats`).
     """
@@ -209,8 +210,18 @@ def _with_absent(xs, num_absent: int):
             for j in range(num_absent)] + list(xs)
 
 
-def _scaled_rms(err, y0, y1, rtol, atol, *, to_image, num_absent: int) -> jax.Array:
-    """Per-sample RMS of err / (atol + rtol * max(|y0|, |y1|)): [B]."""
+def _scaled_rms(err, y0, y1, rtol, atol, *, to_image, num_absent: int, row_by_row: bool = False) -> jax.Array:
+    """Per-sample RMS of err / (atol + rtol * max(|y0|, |y1|)): [B].
+
+    row_by_row: one sample at a time (lax.map), so each row's value comes from the same program
+    whatever the batch size. XLA picks its vectorisation of the reconstruction's dots by shape, so
+    at batch 4 and 16 the same row's norm can differ in the last bit, and a step accepted in one
+    batch is then a hair longer in the other: sample i would depend on its batch (and pod) size.
+    """
+    if row_by_row:
+        one_row = lambda rows: _scaled_rms(*([x[None] for x in r] for r in rows), rtol, atol, to_image=to_image,
+                                           num_absent=num_absent)[0]
+        return jax.lax.map(one_row, (err, y0, y1))
     if to_image is not None:
         err, y0, y1 = (to_image(_with_absent(x, num_absent)) for x in (err, y0, y1))
         err, y0, y1 = [err], [y0], [y1]
@@ -239,7 +250,8 @@ def _dopri5_segment(velocity_fn: VelocityFn, args, states, t0, t1, h0, rtol, ato
     dtype = states[0].dtype
     bins = options.time_bins
     f = lambda ys, t: velocity_fn(args, ys, t.astype(dtype))
-    norm = functools.partial(_scaled_rms, rtol=rtol, atol=atol, to_image=to_image, num_absent=num_absent)
+    norm = functools.partial(_scaled_rms, rtol=rtol, atol=atol, to_image=to_image, num_absent=num_absent,
+                             row_by_row=options.per_sample)
     # Time and step sizes in the states' dtype (float64 under jax_enable_x64).
     t_start = jnp.full((batch,), t0, dtype)
     zeros_b = jnp.zeros((batch,), jnp.int32)
@@ -439,6 +451,37 @@ def _model_velocity(graphdef, args, states, t):
     model_state, labels = args
     model = nnx.merge(graphdef, model_state)
     return model(states, t, labels)
+
+
+@functools.lru_cache(maxsize=None)
+def in_chunks(velocity_fn: VelocityFn, rows_per_shard: int, shards: int = 1) -> VelocityFn:
+    """The same field, evaluated `rows_per_shard` samples per data shard at a time (lax.map).
+
+    args = (model_state, labels [B] or None); B must divide by rows_per_shard * shards. Each call
+    then sees a batch of the same shape whatever B is, so a sample's velocity comes from the same
+    compiled code and is the same bits at any sample batch: XLA picks a dot's vectorisation by
+    its shape, and the same row of a batch of 4 and one of 16 can differ in the last bit. On a
+    mesh, chunk j takes rows j*n..(j+1)*n of every shard's block (`shards` = the data axis), so
+    no row leaves its device. Also bounds a big sample batch's activation memory.
+    """
+    return functools.partial(_velocity_in_chunks, velocity_fn, int(rows_per_shard), int(shards))
+
+
+def _velocity_in_chunks(velocity_fn, rows, shards, args, states, t):
+    model_state, labels = args
+    batch = t.shape[0]
+    if batch % (rows * shards):
+        raise ValueError(f"sampling batch {batch} does not divide into chunks of {rows} rows per data shard "
+                         f"(config.sample.rows_per_call) on {shards} shard(s).")
+    calls = batch // (rows * shards)
+    # [B, ...] = [shards, calls, rows, ...] in memory order -> [calls, shards * rows, ...].
+    split = lambda x: (x.reshape((shards, calls, rows) + x.shape[1:]).swapaxes(0, 1)
+                       .reshape((calls, shards * rows) + x.shape[1:]))
+    merge = lambda x: (x.reshape((calls, shards, rows) + x.shape[2:]).swapaxes(0, 1)
+                       .reshape((batch,) + x.shape[2:]))
+    one_call = lambda chunk: velocity_fn((model_state, chunk[2]), chunk[0], chunk[1])
+    out = jax.lax.map(one_call, ([split(x) for x in states], split(t), None if labels is None else split(labels)))
+    return [merge(v) for v in out]
 
 
 @functools.lru_cache(maxsize=None)

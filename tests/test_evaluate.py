@@ -218,6 +218,8 @@ def test_eval_batch_rounds_up_to_the_data_axis():
     mesh = jax.sharding.AbstractMesh((64, 1), ("data", "model"))
     assert streaming.global_batch(16, mesh) == 64
     assert streaming.global_batch(128, mesh) == 128 and streaming.global_batch(130, mesh) == 192
+    # With config.sample.rows_per_call, whole model calls per device as well.
+    assert streaming.global_batch(16, mesh, rows_per_shard=4) == 256 and streaming.global_batch(300, mesh, 4) == 512
 
 
 def test_in_training_eval_of_a_state(tmp_path, fake_inception):

@@ -49,11 +49,12 @@ PART_BYTES = 64 << 20  # bytes of one part over all hosts: the unit of resume, a
 IMAGES = "images"
 
 
-def global_batch(requested: int, mesh: Mesh) -> int:
+def global_batch(requested: int, mesh: Mesh, rows_per_shard: int = 1) -> int:
     """`requested` rounded up to a multiple of the mesh's 'data' axis (as training pads its sampling
-    batch): on a pod, the ImageNet configs' batch of 16 becomes one row per data-parallel device."""
-    data = mesh.shape["data"]
-    return max(1, -(-int(requested) // data)) * data
+    batch): on a pod, the ImageNet configs' batch of 16 becomes one row per data-parallel device.
+    rows_per_shard: also a whole number of model calls per device (config.sample.rows_per_call)."""
+    unit = mesh.shape["data"] * max(1, int(rows_per_shard))
+    return max(1, -(-int(requested) // unit)) * unit
 
 
 def barrier(name: str) -> None:
