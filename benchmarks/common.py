@@ -184,7 +184,7 @@ def prepare_sampling(spec: ModelSpec, window_starts: Sequence[float], *, batch: 
     shapes = tuple(pyramid.scale_shapes(spec.image_size, spec.image_size, len(window_starts)))
     noise, labels = generate._noise_and_labels(  # pylint: disable=protected-access
         jax.random.key(0), 0, shapes=shapes, channels=spec.channels, num_classes=spec.num_classes, batch=batch,
-        sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        sharding=parallel.batch_sharding(mesh))
     fn = generate.velocity_for(config, graphdef, spec.num_classes)
 
     def run():
@@ -210,8 +210,8 @@ def synthetic_setup(config, spec: ModelSpec):
     from lapflow_jax.models import build_model
 
     image_shape = (spec.image_size, spec.image_size, spec.channels)
-    mesh = parallel.make_mesh(config.mesh_shape)
-    config_lib.validate_for_mesh(config, mesh.shape["data"])
+    mesh = parallel.mesh_for(config)
+    config_lib.validate_for_mesh(config, parallel.data_size(mesh))
     abstract = nnx.eval_shape(lambda: build_model(config, image_shape=image_shape, num_classes=spec.num_classes,
                                                   rngs=nnx.Rngs(0)))
     tx, schedule = train.make_optimizer(config.train)

@@ -375,6 +375,7 @@ class Report:
     chips: int
     mesh_shape: tuple[int, int]
     fsdp: bool
+    fsdp_group: int   # chips per FSDP group (the mesh's 'fsdp' axis)
     attention_backend: str
     global_batch_size: int
     programs: list[ProgramReport]
@@ -391,7 +392,8 @@ class Report:
     def format(self) -> str:
         gib = lambda b: f"{b / GIB:.2f}"
         lines = [f"{self.topology} ({self.chips} x {self.device_kind}, {self.programs[0].hbm / GIB:.0f} GiB HBM "
-                 f"per chip), mesh (data, model) = {self.mesh_shape}, fsdp={self.fsdp}, "
+                 f"per chip), mesh (data, model) = {self.mesh_shape}, fsdp={self.fsdp}"
+                 + (f" in groups of {self.fsdp_group}" if self.fsdp else "") + ", "
                  f"attention={self.attention_backend}, global batch {self.global_batch_size}",
                  "",
                  "| program | arguments GiB | temporaries GiB | total GiB | of HBM | fits | GFLOPs per chip | compile s |",
@@ -437,7 +439,7 @@ def check(config: ml_collections.ConfigDict, topology: str, *, sampling_programs
     Raises ValueError (naming the field) when the config does not suit the topology's mesh.
     """
     devices = topology_devices(topology)
-    mesh = parallel.make_mesh(config.mesh_shape, devices)
+    mesh = parallel.mesh_for(config, devices)
     hbm = hbm_gib * GIB if hbm_gib else hbm_bytes(devices[0])
     setup = train.make_setup(config, mesh, dataset_classes=dataset_classes(config) if num_classes is None
                              else num_classes)
@@ -447,7 +449,8 @@ def check(config: ml_collections.ConfigDict, topology: str, *, sampling_programs
     if sampling_programs:
         programs += compile_sampling(setup, hbm, log=log)
     return Report(topology=topology, device_kind=devices[0].device_kind, chips=len(devices),
-                  mesh_shape=tuple(int(s) for s in mesh.devices.shape), fsdp=bool(config.fsdp),
+                  mesh_shape=parallel.mesh_shape(mesh), fsdp=bool(config.fsdp),
+                  fsdp_group=int(mesh.shape["fsdp"]),
                   attention_backend=backend,
                   global_batch_size=config.train.global_batch_size, programs=programs)
 

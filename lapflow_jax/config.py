@@ -173,7 +173,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.latent.store_dtype = "float32"  # or "float16" (half the disk).
 
     c.mesh_shape = (-1, 1)            # ('data', 'model'); -1: the rest of the devices.
-    c.fsdp = False                    # also shard parameters, optimizer state and EMA over 'data'.
+    c.fsdp = False                    # also shard parameters, optimizer state and EMA over 'data'...
+    # ...in groups of this many chips (0: the largest divisor of mesh_shape[0] up to 32), data
+    # parallel across groups: libtpu compiles a weight all-gather over 64+ chips as an all-reduce.
+    c.fsdp_group = 0
     # Slices the global batch is read as (parallel.InputShards); 0: one per group of hosts holding
     # distinct rows. Fix it (e.g. to the largest host count) to make every step's batch the same
     # on any number of hosts.

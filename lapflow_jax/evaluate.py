@@ -398,7 +398,7 @@ def evaluate_from_checkpoint(config: ml_collections.ConfigDict, workdir: str, st
     networks = load_networks(metrics, ev)
     if ev.samples_npz:
         path = cli.resolve_path(ev.samples_npz)
-        mesh = parallel.make_mesh(config.mesh_shape)
+        mesh = parallel.mesh_for(config)
         samples = samples_from_npz(path, mesh, int(ev.feature_batch_size))
         num, step = len(samples.npz), None
         out_dir = workdir / "eval" / _safe_name(epath.Path(path).stem)

@@ -169,11 +169,11 @@ def sample_on_mesh(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, pa
     shapes = tuple(pyramid.scale_shapes(height, width, config.num_scales))
     sharding = None
     if mesh is not None:
-        data = mesh.shape["data"]
+        data = parallel.data_size(mesh)
         if batch % data:
             raise ValueError(f"sampling batch {batch} (config.sample.batch_size) is not divisible by the mesh's "
                              f"data axis ({data} devices).")
-        sharding = NamedSharding(mesh, P("data"))
+        sharding = parallel.batch_sharding(mesh)
     noise, default_labels = _noise_and_labels(rng, first_index, shapes=shapes, channels=channels,
                                               num_classes=num_classes, batch=batch, sharding=sharding,
                                               labels=label_mode)
@@ -186,7 +186,7 @@ def sample_on_mesh(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, pa
     else:
         labels = default_labels
     with model_context(config, mesh):
-        velocity = velocity_for(config, graphdef, num_classes, data_shards=1 if mesh is None else mesh.shape["data"])
+        velocity = velocity_for(config, graphdef, num_classes, data_shards=1 if mesh is None else parallel.data_size(mesh))
         result = sampling.sample(velocity, (params, labels), path, noise,
                                  method=config.sample.method, steps=config.sample.steps, rtol=config.sample.rtol,
                                  atol=config.sample.atol, previews=previews, dopri5=dopri5_options(config),

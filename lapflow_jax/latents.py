@@ -167,7 +167,8 @@ def decoder(config: ml_collections.ConfigDict):
 def _mesh_decoder(path: str, dtype: str, chunk: int, mesh: Mesh):
     decode, state = _decoder(path, dtype, chunk)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    program = jax.jit(jax.shard_map(decode, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"),
+    program = jax.jit(jax.shard_map(decode, mesh=mesh, in_specs=(P(), parallel.batch_spec(mesh)),
+                                    out_specs=parallel.batch_spec(mesh),
                                     check_vma=False))
     return lambda z: program(state, z)
 

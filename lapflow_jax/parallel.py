@@ -1,14 +1,21 @@
 """Device mesh, logical-axis rules and shardings, multi-host input: every placement decision lives here.
 
 Parameters carry logical axis names (models/mot.py); `logical_rules` maps them, and the names of
-the key activations, to the mesh axes ('data', 'model'):
+the key activations, to the mesh axes ('data', 'fsdp', 'model'). `config.mesh_shape` names two
+numbers, (data parallel, model); `make_mesh` splits the first into ('data', 'fsdp'): FSDP groups of
+`config.fsdp_group` chips (auto: at most FSDP_GROUP_MAX), data parallel across the groups.
 
-- data parallel: the batch (and every activation's batch axis) is split over 'data';
+- data parallel: the batch (and every activation's batch axis) is split over ('data', 'fsdp'),
+  i.e. over every chip of the data-parallel axis;
 - tensor parallel (Megatron style) over 'model': column-parallel QKV, MLP-in and adaLN (their
   output axes 'qkv' / 'mlp' / 'modulation'), row-parallel attention-out and MLP-out (their input
   axes 'heads' / 'mlp'); attention runs on the heads of each device;
 - FSDP (optional): the 'embed' axis of parameters, and so of the optimizer state and EMA, is
-  sharded over 'data' as well (ZeRO-3: the compiler all-gathers each weight where it is used).
+  sharded over 'fsdp' (ZeRO-3 within a group: the compiler all-gathers each weight where it is
+  used). The group is at most 32 chips because the TPU compiler (libtpu 0.0.42) compiles an
+  all-gather over 64 or more chips as an all-reduce of a zero-padded buffer, twice the wire time
+  (measured: tests/test_compile_check.py::test_fsdp_over_64_chips_gathers); across groups the
+  gradients are summed as in plain data parallelism.
 
 Multi-host: every process runs the same program. The global batch is read as `input_shards`
 equal slices by Grain iterators, one per shard; each process reads the shards whose rows its
@@ -32,12 +39,14 @@ from flax import nnx
 from flax.linen import spmd as linen_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "model")
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")   # a batch is split over both: every chip of the data-parallel axis
+FSDP_GROUP_MAX = 32             # the largest all-gather the TPU compiler keeps an all-gather
 
 # Logical names of activation axes (distinct from the parameter names: with FSDP a parameter's
-# 'embed' axis is sharded over 'data', an activation's never is, since 'data' holds its batch).
+# 'embed' axis is sharded over 'fsdp', an activation's never is, since 'fsdp' holds its batch).
 ACTIVATION_RULES = (
-    ("activation_batch", "data"),
+    ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "model"),
@@ -51,8 +60,8 @@ def logical_rules(fsdp: bool = False) -> tuple[tuple[str, str | None], ...]:
     A mesh axis is used at most once per array: the first matching rule wins (flax's logic).
     """
     return (
-        ("batch", "data"),
-        ("embed", "data" if fsdp else None),
+        ("batch", BATCH_AXES),
+        ("embed", "fsdp" if fsdp else None),
         ("mlp", "model"),
         ("qkv", "model"),
         ("heads", "model"),
@@ -71,16 +80,30 @@ def spec_for(names: Sequence[str | None], rules) -> P:
     return linen_spmd.logical_to_mesh_axes(tuple(names), rules)
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'model') mesh; one entry of `shape` may be -1, meaning "the rest of the devices".
+def fsdp_group_size(data: int, requested: int = 0) -> int:
+    """Chips per FSDP group on a data-parallel axis of `data` chips: `requested` (config.fsdp_group),
+    which must divide it, or (0) the largest divisor of it that is at most FSDP_GROUP_MAX."""
+    if requested:
+        if requested < 0 or data % requested:
+            raise ValueError(f"config.fsdp_group={requested} must divide the data-parallel axis ({data} chips, "
+                             "config.mesh_shape[0]); 0 picks the largest divisor up to "
+                             f"{FSDP_GROUP_MAX}.")
+        return requested
+    return max(g for g in range(1, min(data, FSDP_GROUP_MAX) + 1) if data % g == 0)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None, fsdp_group: int = 0) -> Mesh:
+    """A ('data', 'fsdp', 'model') mesh from `shape` = (data parallel, model), one entry of which
+    may be -1 ("the rest of the devices"); the data-parallel chips are split into groups of
+    `fsdp_group_size(shape[0], fsdp_group)` along 'fsdp' (neighbours on the physical torus).
 
     Raises a ValueError naming `config.mesh_shape` when the shape cannot use exactly the devices.
     Axes are Auto (the compiler propagates shardings from the ones we state).
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = [int(s) for s in shape]
-    if len(shape) != len(MESH_AXES):
-        raise ValueError(f"config.mesh_shape={tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}.")
+    if len(shape) != 2:
+        raise ValueError(f"config.mesh_shape={tuple(shape)} must have 2 entries (data, model).")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"config.mesh_shape={tuple(shape)}: entries must be positive, with at most one -1.")
     known = int(np.prod([s for s in shape if s != -1]))
@@ -92,17 +115,39 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
         raise ValueError(
             f"config.mesh_shape={tuple(shape)} needs {int(np.prod(shape))} devices, but {len(devices)} are "
             f"available ({jax.process_count()} process(es)).")
+    group = fsdp_group_size(shape[0], fsdp_group)
+    shape = (shape[0] // group, group, shape[1])
     # jax.make_mesh lays devices out by the physical topology on TPU (plain order elsewhere).
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     try:
-        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     except NotImplementedError:
         # An axis that is not a product of whole physical axes (a 'model' axis of 4 on a 16x16
         # v6e slice): let it split a physical axis, which keeps its devices neighbours.
         from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
 
-        grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def mesh_for(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh a config asks for: config.mesh_shape, FSDP groups of config.fsdp_group."""
+    return make_mesh(config.mesh_shape, devices, int(config.get("fsdp_group", 0)))
+
+
+def data_size(mesh) -> int:
+    """Chips a batch is split over (the data-parallel axis: 'data' x 'fsdp')."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+
+
+def batch_spec(mesh) -> P:
+    """PartitionSpec of an array whose leading axis is a batch split over the data-parallel chips."""
+    return P(tuple(a for a in BATCH_AXES if a in mesh.shape))
+
+
+def mesh_shape(mesh) -> tuple[int, int]:
+    """(data parallel, model): the mesh as config.mesh_shape names it."""
+    return data_size(mesh), int(mesh.shape.get("model", 1))
 
 
 def param_specs(abstract_model: nnx.Module, rules) -> Any:
@@ -126,7 +171,7 @@ def check_divisible(abstract_params: Any, specs: Any, mesh: Mesh, *, num_heads: 
     """
     model = mesh.shape["model"]
     if num_heads is not None and num_heads % model:
-        raise ValueError(f"{what}={tuple(mesh.devices.shape)}: the 'model' axis ({model}) must divide the number "
+        raise ValueError(f"{what}={mesh_shape(mesh)}: the 'model' axis ({model}) must divide the number "
                          f"of attention heads ({num_heads}, config.model.num_heads or the preset's).")
     bad = []
     leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
@@ -138,10 +183,10 @@ def check_divisible(abstract_params: Any, specs: Any, mesh: Mesh, *, num_heads: 
             if dim % size:
                 bad.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} -> {spec}: {dim} % {size} != 0")
     if bad:
-        raise ValueError(f"{what}={tuple(mesh.devices.shape)} (axes {mesh.axis_names}) cannot shard these "
+        raise ValueError(f"{what}={mesh_shape(mesh)} (axes {dict(mesh.shape)}) cannot shard these "
                          "parameters evenly:\n  " + "\n  ".join(bad[:10])
                          + "\nChoose a 'model' axis that divides the head count and widths (or turn off "
-                           "config.fsdp, whose 'data' axis must divide the hidden size).")
+                           "config.fsdp, whose group (config.fsdp_group) must divide the hidden size).")
 
 
 def _keystr(path) -> tuple:
@@ -179,8 +224,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis over 'data'; everything else replicated."""
-    return NamedSharding(mesh, P("data"))
+    """Leading (batch) axis over the data-parallel chips; everything else replicated."""
+    return NamedSharding(mesh, batch_spec(mesh))
 
 
 # --- Activation sharding constraints -----------------------------------------------------------
@@ -242,7 +287,8 @@ def activation_spec(shape: Sequence[int], names: Sequence[str | None]) -> P | No
         return None
     spec = list(spec_for(names, _ACTIVE.rules))
     for i, axis in enumerate(spec):
-        if axis is not None and shape[i] % mesh.shape[axis]:
+        axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        if axes and shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
             spec[i] = None
     return P(*spec)
 
@@ -268,7 +314,7 @@ def input_groups(mesh: Mesh) -> tuple[int, int]:
     valid batch, only arranged differently from a one-process run.
     """
     rows_of = {}
-    for i, row in enumerate(mesh.devices):
+    for i, row in enumerate(mesh.devices.reshape(data_size(mesh), -1)):
         for device in np.ravel(row):
             rows_of.setdefault(device.process_index, set()).add(i)
     groups = sorted({tuple(sorted(rows)) for rows in rows_of.values()})

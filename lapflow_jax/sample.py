@@ -59,10 +59,10 @@ def sampling_setup(config: ml_collections.ConfigDict) -> train_lib.Setup:
     """train.make_setup for sampling and evaluation, on config.mesh_shape: the training batch (which
     make_setup checks against the mesh) plays no part here, so a run trained with batch 32 samples
     on a 64-chip slice too. setup.config is a copy with a batch that fits; sample with `config`."""
-    mesh = parallel.make_mesh(config.mesh_shape)
+    mesh = parallel.mesh_for(config)
     fitted = ml_collections.ConfigDict(config.to_dict())
     fitted.train.stage_fractions = None
-    fitted.train.global_batch_size = mesh.shape["data"] * config.num_scales
+    fitted.train.global_batch_size = parallel.data_size(mesh) * config.num_scales
     return train_lib.make_setup(fitted, mesh)
 
 

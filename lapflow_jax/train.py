@@ -91,8 +91,8 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
     dataset_classes: the dataset's number of classes; None reads it from config.data's metadata.
     """
     stage_sizes = config_lib.validate(config)
-    mesh = mesh or parallel.make_mesh(config.mesh_shape)
-    config_lib.validate_for_mesh(config, mesh.shape["data"])
+    mesh = mesh or parallel.mesh_for(config)
+    config_lib.validate_for_mesh(config, parallel.data_size(mesh))
     image_shape = config_lib.input_shape(config)  # the latent's shape in latent mode
     if dataset_classes is None:
         dataset_classes = pipeline.num_classes(config.data)
@@ -382,7 +382,7 @@ def _shard_iterator(data_config, global_batch_size: int, seed: int, shard: int, 
 def sample_batch_size(setup: Setup) -> int:
     """The batch `write_samples` samples: config.sample.num_images padded to a multiple of the
     'data' axis (the extra images are trimmed)."""
-    data = setup.mesh.shape["data"]
+    data = parallel.data_size(setup.mesh)
     return -(-setup.config.sample.num_images // data) * data
 
 

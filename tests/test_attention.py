@@ -79,7 +79,7 @@ def test_splash_under_shard_map_matches_xla_values_and_gradients():
 
     mesh = parallel.make_mesh((4, 2), jax.devices()[:8])
     qs, ks, vs = random_qkv(LENGTHS[2], heads=4)
-    place = lambda xs: [jax.device_put(jnp.concatenate([x] * 2), NamedSharding(mesh, P("data", None, "model")))
+    place = lambda xs: [jax.device_put(jnp.concatenate([x] * 2), NamedSharding(mesh, P(parallel.BATCH_AXES, None, "model")))
                         for x in xs]
     qs, ks, vs = place(qs), place(ks), place(vs)  # batch 4: one row per 'data' device
 

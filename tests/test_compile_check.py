@@ -151,11 +151,11 @@ def tiny_config(tmp_path):
     return path
 
 
-def _run(config_path, *flags, tmp_path):
+def _run(config_path, *flags, tmp_path, topology="v5e:2x2"):
     report = tmp_path / "report.json"
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-m", "lapflow_jax.compile_check", f"--config={config_path}",
-                           "--topology=v5e:2x2", f"--json={report}", *flags],
+                           f"--topology={topology}", f"--json={report}", *flags],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     return proc, (json.loads(report.read_text()) if report.exists() else None)
 
@@ -243,7 +243,7 @@ def test_mesh_axis_that_splits_a_physical_axis():
 
     devices = compile_check.topology_devices("v6e:16x16")
     mesh = parallel.make_mesh((64, 4), devices)
-    assert mesh.devices.shape == (64, 4) and len({d.id for d in mesh.devices.flat}) == 256
+    assert parallel.mesh_shape(mesh) == (64, 4) and len({d.id for d in mesh.devices.flat}) == 256
 
 
 FSDP_CONFIG = textwrap.dedent("""\
@@ -268,6 +268,27 @@ FSDP_CONFIG = textwrap.dedent("""\
         c.fsdp = True
         return c
     """)
+
+
+@pytest.mark.slow
+def test_fsdp_over_64_chips_gathers(tmp_path):
+    """FSDP of a small model over the 64 chips of v5p:4x4x4: in groups of 32 (the default) each
+    weight is all-gathered; in one group of 64 the TPU compiler turns every gather into an
+    all-reduce of a zero-padded buffer (twice the wire bytes) and no all-gather is left."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the test extras (jax[tpu])")
+    path = tmp_path / "fsdp64.py"
+    path.write_text(FSDP_CONFIG.format(scales=1, windows=(0.0,)).replace("c.mesh_shape = (4, 1)", "c.mesh_shape = (64, 1)")
+                    .replace("hidden_size = 64", "hidden_size = 256").replace("global_batch_size = 16",
+                                                                              "global_batch_size = 64"))
+    kinds = {}
+    for group in (0, 64):
+        proc, report = _run(path, "--sampling=false", "--flops=false", f"--config.fsdp_group={group}",
+                            tmp_path=tmp_path, topology="v5p:4x4x4")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        kinds[group] = {c["kind"]: c["bytes"] for c in report["programs"][0]["collectives"]}
+    assert kinds[0].get("all-gather", 0) > 0 and "all-gather" not in kinds[64], kinds
+    # The gathers' bytes moved out of the all-reduces.
+    assert kinds[0]["all-reduce"] < 0.6 * kinds[64]["all-reduce"], kinds
 
 
 @pytest.mark.slow

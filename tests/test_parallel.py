@@ -45,7 +45,8 @@ def make_config(**overrides):
 
 
 def setup_on(config, shape, devices=None):
-    return train.make_setup(config, parallel.make_mesh(shape, devices if devices is not None else jax.devices()))
+    devices = devices if devices is not None else jax.devices()
+    return train.make_setup(config, parallel.make_mesh(shape, devices, config.fsdp_group))
 
 
 def with_sgd(setup):
@@ -101,8 +102,8 @@ def by_path(tree) -> dict[str, jax.Array]:
 
 def expected_specs(fsdp: bool, layers: bool = False) -> dict[str, P]:
     """The rules, written out by hand: column-parallel QKV / MLP-in / adaLN over 'model', row-parallel
-    out-proj / MLP-out, 'embed' over 'data' with FSDP, everything per scale unsharded on 'scale'."""
-    e = "data" if fsdp else None
+    out-proj / MLP-out, 'embed' over 'fsdp' with FSDP, everything per scale unsharded on 'scale'."""
+    e = "fsdp" if fsdp else None
     lead = (None, None) if layers else (None,)   # [layers,] scale
     block = "blocks" if layers else "blocks/0"
     return {
@@ -161,7 +162,14 @@ def assert_close(state, init, reference, losses, ref_losses, convert=lambda p: p
         assert update > 1e-4, (name, update)
 
 
-MESHES = [((8, 1), False), ((4, 2), False), ((2, 4), False), ((1, 8), False), ((4, 2), True), ((8, 1), True)]
+# fsdp: False, True (one FSDP group over the whole data axis) or a group size (config.fsdp_group:
+# FSDP within groups of that many chips, data parallel across them).
+MESHES = [((8, 1), False), ((4, 2), False), ((2, 4), False), ((1, 8), False), ((4, 2), True), ((8, 1), True),
+          ((8, 1), 2), ((4, 2), 2)]
+
+
+def fsdp_fields(fsdp):
+    return {"fsdp": bool(fsdp), "fsdp_group": 0 if isinstance(fsdp, bool) else fsdp}
 
 
 @pytest.mark.parametrize("shape,fsdp", MESHES + [((2, 4), "scan")])
@@ -169,7 +177,9 @@ def test_state_shardings_follow_the_rules(shape, fsdp):
     """Placing a train state (zeros: nothing compiles) on each mesh puts every parameter, its EMA
     and its Adam moments where the hand-written rules say, and splits the data accordingly."""
     scan = fsdp == "scan"
-    setup = setup_on(make_config(**{"fsdp": bool(fsdp), "model.scan_layers": scan}), shape)
+    setup = setup_on(make_config(**fsdp_fields(True if scan else fsdp), **{"model.scan_layers": scan}), shape)
+    if not isinstance(fsdp, bool) and not scan:  # a group: FSDP over its chips, data parallel across
+        assert setup.mesh.shape == {"data": shape[0] // fsdp, "fsdp": fsdp, "model": shape[1]}
     shardings, abstract = train.state_shardings(setup)
     state = jax.device_put(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract), shardings)
     check_shardings(state, setup.mesh, bool(fsdp), layers=scan)
@@ -179,9 +189,9 @@ def test_state_shardings_follow_the_rules(shape, fsdp):
 @pytest.mark.parametrize("shape,fsdp", MESHES)
 def test_step_on_mesh_equals_one_device(shape, fsdp, batches, reference):
     init, ref_state, ref_losses = reference
-    setup = with_sgd(setup_on(make_config(fsdp=fsdp), shape))
+    setup = with_sgd(setup_on(make_config(**fsdp_fields(fsdp)), shape))
     state, losses, step = run_steps(setup, placed(setup, init), batches)
-    check_shardings(state, setup.mesh, fsdp)
+    check_shardings(state, setup.mesh, bool(fsdp))
     assert_close(state, init, ref_state, losses, ref_losses)
     assert step._cache_size() == 1
 
@@ -220,7 +230,7 @@ def test_bad_meshes_are_clear_errors():
         parallel.make_mesh((3, -1))
     with pytest.raises(ValueError, match=r"needs 16 devices, but 8"):
         parallel.make_mesh((4, 4))
-    assert parallel.make_mesh((-1, 2)).shape == {"data": 4, "model": 2}
+    assert parallel.make_mesh((-1, 2)).shape == {"data": 1, "fsdp": 4, "model": 2}
     # 'model' must divide the heads (4 heads on 8), before anything compiles.
     with pytest.raises(ValueError, match="attention heads"):
         setup_on(make_config(**{"model.num_heads": 4}), (1, 8))
@@ -228,6 +238,14 @@ def test_bad_meshes_are_clear_errors():
     with pytest.raises(ValueError, match="cannot shard these parameters evenly"):
         setup_on(make_config(**{"model.hidden_size": 36, "model.num_heads": 4, "fsdp": True,
                                 "train.global_batch_size": 16}), (8, 1))
+
+
+def test_fsdp_group_size():
+    """At most 32 chips per FSDP group unless asked (libtpu gathers over 64 chips with an all-reduce)."""
+    assert [parallel.fsdp_group_size(n) for n in (1, 8, 32, 64, 48, 256)] == [1, 8, 32, 32, 24, 32]
+    assert parallel.fsdp_group_size(64, 16) == 16
+    with pytest.raises(ValueError, match=r"config.fsdp_group=3 must divide the data-parallel axis \(8 chips"):
+        parallel.fsdp_group_size(8, 3)
 
 
 def test_input_shards_state_round_trip():

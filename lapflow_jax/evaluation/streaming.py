@@ -53,7 +53,7 @@ def global_batch(requested: int, mesh: Mesh, rows_per_shard: int = 1) -> int:
     """`requested` rounded up to a multiple of the mesh's 'data' axis (as training pads its sampling
     batch): on a pod, the ImageNet configs' batch of 16 becomes one row per data-parallel device.
     rows_per_shard: also a whole number of model calls per device (config.sample.rows_per_call)."""
-    unit = mesh.shape["data"] * max(1, int(rows_per_shard))
+    unit = parallel.data_size(mesh) * max(1, int(rows_per_shard))
     return max(1, -(-int(requested) // unit)) * unit
 
 
@@ -95,7 +95,7 @@ class FeatureProgram:
                     features[f"{name}.{output}"] = value.astype(jnp.float32)
             return pixels, features
 
-        spec = P("data")
+        spec = parallel.batch_spec(mesh)
         self._program = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), spec),
                                               out_specs=(spec, spec), check_vma=False))
 
