@@ -27,6 +27,7 @@ ENTRY_SCRIPTS = [
     "delete_tpu.sh",
     "setup_workers.sh",
     "cache_latents.sh",
+    "prepare_data.sh",
     "train.sh",
     "xpk.sh",
     "jobset.sh",
@@ -464,6 +465,7 @@ REQUIRED = {
     "delete_tpu.sh": ["PROJECT", "ZONE", "TPU_NAME"],
     "setup_workers.sh": ["PROJECT", "ZONE", "TPU_NAME"],
     "cache_latents.sh": ["PROJECT", "ZONE", "TPU_NAME", "CONFIG"],
+    "prepare_data.sh": ["SOURCE", "DATA_DIR"],
     "train.sh": ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "CONFIG", "WORKDIR"],
     "xpk.sh": ["PROJECT", "ZONE", "CLUSTER"],
     "jobset.sh": ["PROJECT", "CLUSTER", "CLUSTER_LOCATION"],
@@ -499,6 +501,9 @@ def test_missing_create_only_variables(tmp_path):
         ("setup_workers.sh", ["REMOTE_DIR=../x"], "REMOTE_DIR='../x': expected a plain directory name"),
         ("xpk.sh", ["WORKLOAD=Bad_Name"], "WORKLOAD='Bad_Name': expected at most 40"),
         ("jobset.sh", ["TPU_TYPE=v3-8"], "GKE has no TPU v3 node pools"),
+        ("prepare_data.sh", ["SOURCE=imagenet", "DATA_DIR=gs://my-bucket/tfds"], "SOURCE='imagenet': expected imagenet2012"),
+        ("prepare_data.sh", ["SOURCE=imagenet2012", "DATA_DIR=/tmp/tfds"], "DATA_DIR='/tmp/tfds': expected a gs://"),
+        ("prepare_data.sh", ["SOURCE=imagenet2012", "DATA_DIR=gs://my-bucket/tfds"], "missing required variable(s): MANUAL_DIR"),
         ("jobset.sh", ["TPU_TYPE=v5p-2048"], "no default GKE topology for v5p-2048"),
     ],
 )
@@ -968,6 +973,18 @@ def test_cache_latents_retries_a_failed_attempt_with_backoff(tmp_path):
                          "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0", "MAX_RETRIES=1",
                          path_prefix=bin_dir, tmp_path=tmp_path, check=1)
     assert len(calls.read_text().splitlines()) == 2 and "failed 2 time(s)" in give_up.stderr
+
+
+def test_prepare_data_dry_run_imagenet_tars_to_a_bucket(tmp_path):
+    proc = run_script("prepare_data.sh", "--dry-run", "SOURCE=imagenet2012", "DATA_DIR=gs://my-bucket/tfds/",
+                      "MANUAL_DIR=/data/imagenet", "LOCAL_DIR=/mnt/disk/tfds", tmp_path=tmp_path, check=0)
+    assert lines(proc.stdout) == [
+        "tfds build imagenet2012 --data_dir=/mnt/disk/tfds --file_format=array_record --manual_dir=/data/imagenet",
+        "gcloud storage cp -r /mnt/disk/tfds/imagenet2012 gs://my-bucket/tfds/",
+    ]
+    # The field a latent config reads its images from is named as it is.
+    assert ("--config.latent.source.name=tfds --config.latent.source.tfds_name=imagenet2012"
+            " --config.latent.source.data_dir=gs://my-bucket/tfds") in proc.stderr
 
 
 def test_setup_keeps_user_data_in_the_replaced_code_directory(tmp_path):
