@@ -18,8 +18,7 @@ What it simulates, and how:
   --dry-run (so its checks of the unpacked code still apply), and the worker's venv python
   becomes a wrapper of this interpreter, which has the dependencies.
 - A spot preemption: with FAKE_POD_PREEMPT_AFTER=N, the first training command (one that runs
-  lapflow_jax.main) is watched until its workdir's metrics.jsonl (read through the GCS
-  emulator's HTTP API) has N lines; then worker FAKE_POD_PREEMPT_WORKER (default 1) alone gets
+  lapflow_jax.main) is watched until worker 0 has logged N steps; then worker FAKE_POD_PREEMPT_WORKER (default 1) alone gets
   SIGTERM, as a preempted TPU VM does. When the workers have exited, the slice reports
   PREEMPTED and the ssh call fails with status 255 (the connection to a VM that went away).
 
@@ -145,16 +144,9 @@ def _training_pids(pid: int) -> list[int]:
     return pids
 
 
-def _logged_lines(workdir: str) -> int:
-    """Lines of WORKDIR/metrics.jsonl in the emulator bucket (0 while it does not exist)."""
-    bucket, _, prefix = workdir.removeprefix("gs://").partition("/")
-    name = urllib.parse.quote(f"{prefix.rstrip('/')}/metrics.jsonl", safe="")
-    url = f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}/o/{name}?alt=media"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return len(r.read().decode().splitlines())
-    except urllib.error.HTTPError:
-        return 0
+def _logged_steps(output: Path) -> int:
+    """Training steps worker 0 has logged so far ("step 3/8 | loss ..." lines of its output)."""
+    return len(re.findall(r"\bstep \d+/\d+ \| loss", output.read_text(errors="replace")))
 
 
 def _ssh(args: list[str]) -> int:
@@ -186,10 +178,9 @@ def _ssh(args: list[str]) -> int:
     training = "lapflow_jax.main" in command
     preempted = False
     if preempt_after and training and not (STATE / "preempted_once").exists():
-        workdir = re.search(r"--workdir=(\S+)", command).group(1)
         victim = int(os.environ.get("FAKE_POD_PREEMPT_WORKER", "1"))
         while all(p.poll() is None for p in procs):
-            if _logged_lines(workdir) >= int(preempt_after):
+            if _logged_steps(outputs[0]) >= int(preempt_after):
                 pids = _training_pids(procs[workers.index(victim)].pid)
                 for pid in pids:
                     os.kill(pid, signal.SIGTERM)

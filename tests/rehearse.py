@@ -145,7 +145,7 @@ def rehearse(root: Path, break_step: str = "") -> dict:
                 raise RehearsalFailed(f"expected 4 latent shards in the bucket, found {shards}")
         workdir = f"{bucket}/imagenet256"
         trained = pod.run("launch/train.sh", f"CONFIG={CONFIG}", f"WORKDIR={workdir}", "MAX_RETRIES=1",
-                          f"LOG_DIR={root / 'tpu-logs'}", "--", "--distributed",
+                          f"LOG_DIR={root / 'tpu-logs'}", "--", "--distributed", "--verbose",
                           *overrides(**source, **{"data.latents_dir": latents_dir}),
                           env={"FAKE_POD_PREEMPT_AFTER": "2"})
         if "retry 1 of 1: recreating lapflow-v5p" not in trained.stderr:
