@@ -13,10 +13,11 @@ What it simulates, and how:
 - tpu-vm scp: copies between this machine and the worker folders.
 - storage cp [-r] / cat / ls: against the GCS emulator (STORAGE_EMULATOR_HOST).
 - tpu-vm ssh: runs `bash -c COMMAND` in each worker folder with HOME set to it (its output also
-  kept in FAKE_POD_DIR/ssh/<call>-worker<i>.log). The one thing
-  not run as written is `bash launch/remote_setup.sh` (pip needs the network): it runs with
-  --dry-run (so its checks of the unpacked code still apply), and the worker's venv python
-  becomes a wrapper of this interpreter, which has the dependencies.
+  kept in FAKE_POD_DIR/ssh/<call>-worker<i>.log). A path under /local-disk/ in the command is
+  the worker's own disk (FAKE_POD_DIR/workers/<i>/local-disk/), gone when the slice is deleted.
+  The one thing not run as written is `bash launch/remote_setup.sh` (pip needs the network): it
+  runs with --dry-run (so its checks of the unpacked code still apply), and the worker's venv
+  python becomes a wrapper of this interpreter, which has the dependencies.
 - A spot preemption: with FAKE_POD_PREEMPT_AFTER=N, the first training command (one that runs
   lapflow_jax.main) is watched until worker 0 has logged N steps; then worker FAKE_POD_PREEMPT_WORKER (default 1) alone gets
   SIGTERM, as a preempted TPU VM does. When the workers have exited, the slice reports
@@ -170,8 +171,11 @@ def _ssh(args: list[str]) -> int:
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SLURM_JOB_ID="1", SLURM_STEP_NODELIST="127.0.0.1",
                    SLURM_NTASKS=str(WORKERS), SLURM_PROCID=str(i), SLURM_LOCALID="0",
                    JAX_LOCAL_DEVICE_IDS="0,1,2,3")
+        # Each VM has its own disk: /local-disk/ in a command is this worker's folder (this machine's
+        # /tmp would be one disk shared by every worker, hiding what a pod does to local paths).
+        own = command.replace("/local-disk/", f"{home}/local-disk/")
         with open(output, "wb") as out:
-            procs.append(subprocess.Popen(["bash", "-c", command], cwd=home, env=env, start_new_session=True,
+            procs.append(subprocess.Popen(["bash", "-c", own], cwd=home, env=env, start_new_session=True,
                                           stdout=out, stderr=subprocess.STDOUT))
 
     preempt_after = os.environ.get("FAKE_POD_PREEMPT_AFTER")

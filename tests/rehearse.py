@@ -19,9 +19,12 @@ command, each failing the rehearsal when it fails:
         (worker 1 gets SIGTERM after 2 logged steps; train.sh recreates the slice, sets it up and
         resumes from the preemption's checkpoint)
     gcloud storage cat gs://BUCKET/imagenet256/metrics.jsonl
+    launch/train.sh ... MAX_RETRIES=0 RUN_NAME=imagenet256-sample -- --distributed --mode=sample ...
+    gcloud storage ls gs://BUCKET/imagenet256/generated/
+    gcloud storage cp -r gs://BUCKET/imagenet256/generated/step0000008 ./samples
 
---break_step=local-latents writes the latent cache to a folder on each worker instead of the bucket
-(LATENTS_DIR=/tmp/...): the deliberate break that must make the rehearsal fail.
+--break_step=local-latents writes the latent cache to a folder on each worker's own disk instead of
+the bucket (LATENTS_DIR=/local-disk/..., which the fake gcloud maps to each worker's folder): the deliberate break that must make the rehearsal fail.
 """
 
 import argparse
@@ -134,7 +137,7 @@ def rehearse(root: Path, break_step: str = "") -> dict:
                            f"DATA_DIR={bucket}/tfds", f"LOCAL_DIR={root / 'tfds'}", f"PYTHON={sys.executable}",
                            env={"PYTHONPATH": str(REPO)})
         tfds_name = re.search(r"--config.latent.source.tfds_name=(\S+)", prepared.stderr).group(1)
-        latents_dir = f"{bucket}/latents/imagenet256" if break_step != "local-latents" else "/tmp/lapflow-latents"
+        latents_dir = f"{bucket}/latents/imagenet256" if break_step != "local-latents" else "/local-disk/latents/imagenet256"
         source = {"latent.autoencoder": f"{bucket}/autoencoders/tiny-vae", "latent.source.data_dir": f"{bucket}/tfds",
                   "latent.source.tfds_name": tfds_name}
         pod.run("launch/cache_latents.sh", f"CONFIG={CONFIG}", f"LATENTS_DIR={latents_dir}", "BACKOFF_SECONDS=0",
@@ -158,6 +161,19 @@ def rehearse(root: Path, break_step: str = "") -> dict:
         steps = [json.loads(line)["step"] for line in metrics.stdout.splitlines()]
         if steps != list(range(1, STEPS + 1)):
             raise RehearsalFailed(f"metrics.jsonl logged steps {steps}, expected 1..{STEPS}")
+        # Sample on both hosts from the last checkpoint, and fetch the samples (docs' step 4).
+        pod.run("launch/train.sh", f"CONFIG={CONFIG}", f"WORKDIR={workdir}", "MAX_RETRIES=0",
+                "RUN_NAME=imagenet256-sample", f"LOG_DIR={root / 'tpu-logs-sample'}", "--", "--distributed",
+                "--verbose", "--mode=sample", *overrides(**source, **{"data.latents_dir": latents_dir,
+                                                                       "sample.num_images": 8,
+                                                                       "sample.batch_size": 8}))
+        listed = pod.run("gcloud", "storage", "ls", f"{workdir}/generated/").stdout.split()
+        if listed != [f"{workdir}/generated/step{STEPS:07d}/"]:
+            raise RehearsalFailed(f"generated/ holds {listed}, expected the step {STEPS} folder")
+        pod.run("gcloud", "storage", "cp", "-r", listed[0].rstrip("/"), str(root / "samples"))
+        with np.load(root / "samples" / "samples.npz") as samples:
+            if samples["images"].shape != (8, 16, 16, 3) or samples["images"].dtype != np.uint8:
+                raise RehearsalFailed(f"samples.npz images {samples['images'].shape} {samples['images'].dtype}")
     return {"commands": pod.commands, "seconds": time.monotonic() - start, "preempted_at": int(found.group(1))}
 
 
