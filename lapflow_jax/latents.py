@@ -166,7 +166,11 @@ def decoder(config: ml_collections.ConfigDict):
 @functools.lru_cache(maxsize=4)
 def _mesh_decoder(path: str, dtype: str, chunk: int, mesh: Mesh):
     decode, state = _decoder(path, dtype, chunk)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    # From host copies: every process loaded the same weights, so each places its own replicas. A
+    # device_put of this process's device arrays onto a mesh spanning other hosts is a cross-host
+    # transfer, which a multi-process CPU job refuses ("does not support cross-host device
+    # transfers": the rehearsal's 2-host pod, at the end-of-training samples of a latent config).
+    state = jax.device_put(jax.tree.map(np.asarray, state), NamedSharding(mesh, P()))
     program = jax.jit(jax.shard_map(decode, mesh=mesh, in_specs=(P(), parallel.batch_spec(mesh)),
                                     out_specs=parallel.batch_spec(mesh),
                                     check_vma=False))
@@ -303,7 +307,11 @@ def _make_encoder(model: ae_lib.AutoencoderKL, *, flip: bool, store_dtype: str, 
     n = max(d for d in range(1, len(devices) + 1) if batch % d == 0)
     mesh = Mesh(np.asarray(devices[:n]), ("data",))
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    # From host copies: every process loaded the same weights, so each places its own replicas. A
+    # device_put of this process's device arrays onto a mesh spanning other hosts is a cross-host
+    # transfer, which a multi-process CPU job refuses ("does not support cross-host device
+    # transfers": the rehearsal's 2-host pod, at the end-of-training samples of a latent config).
+    state = jax.device_put(jax.tree.map(np.asarray, state), NamedSharding(mesh, P()))
     program = _encode_program(graphdef, mesh, bool(flip), store_dtype)
     split = NamedSharding(mesh, P("data"))
     return lambda images: program(state, jax.device_put(images, split)), n

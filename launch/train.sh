@@ -9,7 +9,10 @@
 #      suspended or is gone, delete it, recreate it (create_tpu.sh), set the workers up again
 #      (setup_workers.sh) and rerun the same command, which resumes from the last checkpoint
 #      in WORKDIR; at most MAX_RETRIES times;
-#   3. a failure on a healthy TPU is a bug, not a preemption: exit 1 at once, logs fetched.
+#   3. when ssh itself fails (exit status 255: a worker could not be reached, or the connection
+#      dropped) on a TPU that stays healthy, rerun the same command up to RELAUNCH_TRIES times
+#      with a doubling wait (BACKOFF_SECONDS), without recreating anything;
+#   4. any other failure on a healthy TPU is a bug, not a preemption: exit 1 at once, logs fetched.
 #
 # The TPU must exist and be set up (create_tpu.sh, setup_workers.sh) unless you want the
 # first failure to create it, which counts as one retry.
@@ -41,7 +44,9 @@
 #                      before reading its state once more, since a preemption can take a
 #                      while to show (default 60).
 #   RELAUNCH_TRIES     tries at recreating and setting up a preempted TPU before giving up
-#                      (default 3), BACKOFF_SECONDS apart, the wait doubling each time.
+#                      (default 3), BACKOFF_SECONDS apart, the wait doubling each time; also
+#                      how many times a run whose ssh failed (exit 255) on a healthy TPU is
+#                      started again.
 #   BACKOFF_SECONDS    first wait between those tries (default 60).
 #   REMOTE_DIR         code directory on each worker, under its home (default lapflow-jax).
 #   VENV_DIR           virtualenv on each worker, under its home (default lapflow-venv).
@@ -156,6 +161,9 @@ tpu_health() {
 
 log "training $CONFIG on $TPU_NAME ($ACCELERATOR_TYPE, $NUM_WORKERS worker(s)), workdir $WORKDIR, logs in $LOG_DIR"
 attempt=0
+recreations=0
+ssh_retries=0
+ssh_wait=$BACKOFF_SECONDS
 while :; do
   rc=0
   run_attempt "$attempt" || rc=$?
@@ -176,15 +184,31 @@ while :; do
     sleep "$RECHECK_SECONDS"
     health=$(tpu_health) || die "$unreadable"
   fi
-  [[ "$health" != healthy ]] ||
+  if [[ "$health" == healthy ]]; then
+    # 255 is ssh's own failure (a worker unreachable, a dropped connection), not the program's:
+    # the same command is started again on the same slice, the wait doubling each time.
+    if ((rc == 255 && ssh_retries + 1 < RELAUNCH_TRIES)); then
+      ssh_retries=$((ssh_retries + 1))
+      attempt=$((attempt + 1))
+      log "ssh to the workers failed (exit status 255) on a healthy TPU; relaunching in ${ssh_wait}s" \
+        "(relaunch $ssh_retries of $((RELAUNCH_TRIES - 1)))"
+      sleep "$ssh_wait"
+      ssh_wait=$((ssh_wait * 2))
+      continue
+    fi
+    ((rc == 255)) &&
+      die "ssh to the workers failed (exit status 255) on a healthy TPU $RELAUNCH_TRIES time(s); see the logs" \
+        "in $LOG_DIR/attempt$attempt, then rerun this script (it resumes from $WORKDIR)"
     die "training failed (exit status $rc) on a healthy TPU: not a preemption, so not retried;" \
       "see the logs in $LOG_DIR/attempt$attempt"
+  fi
   log "TPU $health"
-  ((attempt < MAX_RETRIES)) ||
+  ((recreations < MAX_RETRIES)) ||
     die "TPU $health, and all MAX_RETRIES=$MAX_RETRIES retries are used up; rerun this script" \
       "later to resume from the last checkpoint in $WORKDIR (logs in $LOG_DIR)"
   attempt=$((attempt + 1))
-  log "retry $attempt of $MAX_RETRIES: recreating $TPU_NAME"
+  recreations=$((recreations + 1))
+  log "retry $recreations of $MAX_RETRIES: recreating $TPU_NAME"
   # The recreated VMs are bare: set them up again before training relaunches. Capacity or a
   # worker's ssh can fail for a while, so the whole step is retried with a doubling wait.
   wait_seconds=$BACKOFF_SECONDS

@@ -27,6 +27,7 @@ ENTRY_SCRIPTS = [
     "delete_tpu.sh",
     "setup_workers.sh",
     "cache_latents.sh",
+    "prepare_data.sh",
     "train.sh",
     "xpk.sh",
     "jobset.sh",
@@ -464,6 +465,7 @@ REQUIRED = {
     "delete_tpu.sh": ["PROJECT", "ZONE", "TPU_NAME"],
     "setup_workers.sh": ["PROJECT", "ZONE", "TPU_NAME"],
     "cache_latents.sh": ["PROJECT", "ZONE", "TPU_NAME", "CONFIG"],
+    "prepare_data.sh": ["SOURCE", "DATA_DIR"],
     "train.sh": ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "CONFIG", "WORKDIR"],
     "xpk.sh": ["PROJECT", "ZONE", "CLUSTER"],
     "jobset.sh": ["PROJECT", "CLUSTER", "CLUSTER_LOCATION"],
@@ -499,6 +501,9 @@ def test_missing_create_only_variables(tmp_path):
         ("setup_workers.sh", ["REMOTE_DIR=../x"], "REMOTE_DIR='../x': expected a plain directory name"),
         ("xpk.sh", ["WORKLOAD=Bad_Name"], "WORKLOAD='Bad_Name': expected at most 40"),
         ("jobset.sh", ["TPU_TYPE=v3-8"], "GKE has no TPU v3 node pools"),
+        ("prepare_data.sh", ["SOURCE=imagenet", "DATA_DIR=gs://my-bucket/tfds"], "SOURCE='imagenet': expected imagenet2012"),
+        ("prepare_data.sh", ["SOURCE=imagenet2012", "DATA_DIR=/tmp/tfds"], "DATA_DIR='/tmp/tfds': expected a gs://"),
+        ("prepare_data.sh", ["SOURCE=imagenet2012", "DATA_DIR=gs://my-bucket/tfds"], "missing required variable(s): MANUAL_DIR"),
         ("jobset.sh", ["TPU_TYPE=v5p-2048"], "no default GKE topology for v5p-2048"),
     ],
 )
@@ -621,7 +626,8 @@ FAKE_GCLOUD = r"""#!/bin/bash
 # Fake gcloud: logs each call (shell-quoted, one line); keeps whether the queued resource
 # exists (delete removes it, create makes it); describe reports the next state of
 # FAKE_QR_STATES / FAKE_NODE_STATES (the last one sticks); the first FAKE_TRAIN_FAILS
-# training ssh calls fail like a preempted VM; scp from a worker writes a small log.
+# training ssh calls fail like a preempted VM (exit FAKE_TRAIN_EXIT, default ssh's 255; 1 is
+# the program's own failure); scp from a worker writes a small log.
 set -u
 dir=$FAKE_GCLOUD_DIR
 printf '%q ' "$@" >>"$dir/calls.log"
@@ -664,7 +670,7 @@ case "$1 $2 $3 $4" in
     if [[ "$(flag --command "$@")" == *lapflow_jax.main* ]] &&
       (($(count trainings) < ${FAKE_TRAIN_FAILS:-0})); then
       echo "Connection to worker closed by remote host." >&2
-      exit 255
+      exit "${FAKE_TRAIN_EXIT:-255}"
     fi ;;
   "compute tpus tpu-vm scp")
     shift 4
@@ -813,14 +819,40 @@ def test_preemption_gives_up_after_max_retries(tmp_path, fake_gcloud):
 
 
 def test_failure_on_healthy_tpu_is_not_retried(tmp_path, fake_gcloud):
+    """The program itself failed (exit 1 through ssh): a bug, not a preemption."""
     bin_dir, state, calls = fake_gcloud
-    env = loop_env(tmp_path, state, FAKE_TRAIN_FAILS="1")
+    env = loop_env(tmp_path, state, FAKE_TRAIN_FAILS="1", FAKE_TRAIN_EXIT="1")
     proc = run_script("train.sh", env=env, tmp_path=tmp_path, path_prefix=bin_dir, check=1)
-    assert "failed (exit status 255) on a healthy TPU: not a preemption, so not retried" in proc.stderr
+    assert "failed (exit status 1) on a healthy TPU: not a preemption, so not retried" in proc.stderr
     named = kinds(calls())
     # Read twice (a preemption can take a moment to show), then stop with the logs fetched.
     assert named == ["train", "scp", "scp", "scp", "scp", "qr-state", "tpu-state", "qr-state", "tpu-state"]
     assert len(list((tmp_path / "logs" / "attempt0").iterdir())) == 4
+
+
+def test_failed_ssh_on_healthy_tpu_is_relaunched_with_backoff(tmp_path, fake_gcloud):
+    """ssh fails (255) twice on a slice that stays healthy: the same command is started again on
+    the same slice, nothing recreated, after 0 s then 0 s; RELAUNCH_TRIES bounds the relaunches."""
+    bin_dir, state, calls = fake_gcloud
+    env = loop_env(tmp_path, state, FAKE_TRAIN_FAILS="2", BACKOFF_SECONDS="0")
+    proc = run_script("train.sh", env=env, tmp_path=tmp_path, path_prefix=bin_dir, check=0)
+    assert "relaunching in 0s (relaunch 1 of 2)" in proc.stderr
+    assert "relaunching in 0s (relaunch 2 of 2)" in proc.stderr
+    log = calls()
+    named = kinds(log)
+    failed = ["train"] + ["scp"] * 4 + ["qr-state", "tpu-state"] * 2
+    assert named == failed + failed + ["train"] + ["scp"] * 4
+    trainings = [args[-1] for args, kind in zip(log, named) if kind == "train"]
+    assert [t.replace("attempt1", "attempt0").replace("attempt2", "attempt0") for t in trainings] == [trainings[0]] * 3
+    assert (tmp_path / "logs" / "attempt2" / "worker3.log").exists()
+    # The doubling wait: 1 s, then 2 s (BACKOFF_SECONDS=1, RELAUNCH_TRIES=3, ssh fails every time).
+    (state / "calls.log").unlink()
+    (state / "trainings").unlink()
+    env.update(FAKE_TRAIN_FAILS="100", BACKOFF_SECONDS="1")
+    proc = run_script("train.sh", env=env, tmp_path=tmp_path, path_prefix=bin_dir, check=1)
+    assert "relaunching in 1s (relaunch 1 of 2)" in proc.stderr and "relaunching in 2s (relaunch 2 of 2)" in proc.stderr
+    assert "ssh to the workers failed (exit status 255) on a healthy TPU 3 time(s)" in proc.stderr
+    assert kinds(calls()).count("train") == 3 and "create" not in kinds(calls())
 
 
 def test_success_needs_no_state_check(tmp_path, fake_gcloud):
@@ -941,6 +973,18 @@ def test_cache_latents_retries_a_failed_attempt_with_backoff(tmp_path):
                          "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0", "MAX_RETRIES=1",
                          path_prefix=bin_dir, tmp_path=tmp_path, check=1)
     assert len(calls.read_text().splitlines()) == 2 and "failed 2 time(s)" in give_up.stderr
+
+
+def test_prepare_data_dry_run_imagenet_tars_to_a_bucket(tmp_path):
+    proc = run_script("prepare_data.sh", "--dry-run", "SOURCE=imagenet2012", "DATA_DIR=gs://my-bucket/tfds/",
+                      "MANUAL_DIR=/data/imagenet", "LOCAL_DIR=/mnt/disk/tfds", tmp_path=tmp_path, check=0)
+    assert lines(proc.stdout) == [
+        "tfds build imagenet2012 --data_dir=/mnt/disk/tfds --file_format=array_record --manual_dir=/data/imagenet",
+        "gcloud storage cp -r /mnt/disk/tfds/imagenet2012 gs://my-bucket/tfds/",
+    ]
+    # The field a latent config reads its images from is named as it is.
+    assert ("--config.latent.source.name=tfds --config.latent.source.tfds_name=imagenet2012"
+            " --config.latent.source.data_dir=gs://my-bucket/tfds") in proc.stderr
 
 
 def test_setup_keeps_user_data_in_the_replaced_code_directory(tmp_path):
