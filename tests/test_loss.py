@@ -1,6 +1,7 @@
 """The training loss: all stages in one pass through the MoT's blocks give the loss and gradients
 of one model call per stage."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,10 +52,9 @@ def test_one_pass_over_the_stages_equals_one_call_per_stage(num_scales, scan_lay
     np.testing.assert_allclose(one_pass, per_stage, rtol=1e-6)
     for name in reference_metrics:
         np.testing.assert_allclose(metrics[name], reference_metrics[name], rtol=1e-6, err_msg=name)
-    flat, reference = jax.tree.leaves(grads), jax.tree.leaves(reference_grads)
-    assert len(flat) == len(reference)
-    for g, r in zip(flat, reference):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    # Same tree structure, shapes and dtypes, and the same values to float32 reassociation.
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, reference_grads)
+    chex.assert_trees_all_close(grads, reference_grads, rtol=1e-4, atol=1e-6)
 
 
 def test_stages_returns_each_stage_as_its_own_call():
@@ -65,7 +65,6 @@ def test_stages_returns_each_stage_as_its_own_call():
     t0, t1 = jnp.array([0.6, 0.7, 0.9]), jnp.array([0.1, 0.3])
     l0, l1 = jnp.array([1, 2, 3]), jnp.array([4, 5])
     both = nnx.jit(lambda m, inputs: m.stages(inputs))(model, [(fine_and_coarse, t0, l0), (coarse_only, t1, l1)])
-    for got, want in zip(both, [model(fine_and_coarse, t0, l0), model(coarse_only, t1, l1)]):
-        assert [g.shape for g in got] == [w.shape for w in want]
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    want = [model(fine_and_coarse, t0, l0), model(coarse_only, t1, l1)]
+    chex.assert_trees_all_equal_shapes(both, want)
+    chex.assert_trees_all_close(both, want, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """The MoT: block-causal attention, causality across scales, DiT parameter counts."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +41,7 @@ def test_prefix_attention_equals_masked_reference(lengths):
     vs = [make(keys[3 * i + 2], n) for i, n in enumerate(lengths)]
     prefix = attention.prefix_attention(qs, ks, vs)
     masked = attention.masked_attention(qs, ks, vs)
-    for a, b in zip(prefix, masked):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(prefix, masked, atol=1e-5, rtol=0)
 
 
 def test_block_causal_mask_layout():
