@@ -128,6 +128,8 @@ def main():
     parser.add_argument("--efficientnet_reference", type=int, default=2000,
                         help="test images behind EfficientNet-Lite0's reference statistics (10,000: all)")
     parser.add_argument("--no_fd", action="store_true", help="skip the judges (PSNR and friends only)")
+    parser.add_argument("--samplers", default="inversion,inversion+P,replacement,replacement+P",
+                        help="comma-separated subset of the four samplers to run")
     args = parser.parse_args()
     config = load_config(args.workdir)
     config.sample.steps = args.steps
@@ -154,6 +156,8 @@ def main():
     for sampler, proj in (("inversion", False), ("inversion", True), ("replacement", False), ("replacement", True)):
         config.upsample.sampler, config.upsample.project_steps = sampler, proj
         label = sampler + ("+P" if proj else "")
+        if label not in args.samplers.split(","):
+            continue
         done = cache / f"{label}.npz"
         if done.exists():  # an earlier run of the same settings made these
             with np.load(done) as f:
