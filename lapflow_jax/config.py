@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     # from the trained model, with config.sample's solver (docs/method.md, "Conditional sampling").
     c.upsample = ml_collections.ConfigDict()
     c.upsample.input = ""             # a folder of images or an .npz (`images`/`arr_0` uint8 [N, h, w, C]).
+    c.upsample.split = ""             # instead of input: this split of config.data ("test"), each image
+    #                                   downsampled by upsample.factor (0: 2) with the model's Down.
+    c.upsample.num_images = 0         # inputs to use (the first ones); 0: all.
     c.upsample.samples_per_image = 4  # k samples of each input.
     c.upsample.sampler = "inversion"  # "inversion" (exact) or "replacement" (the usual shortcut).
     c.upsample.project_steps = False  # also project the clean estimate at every step ("P" variants).
@@ -340,6 +343,10 @@ def _validate_upsample(c: ml_collections.ConfigDict) -> None:
     u = c.upsample
     if u.sampler not in SAMPLERS:
         raise ValueError(f"config.upsample.sampler={u.sampler!r} is not one of {SAMPLERS}.")
+    if u.input and u.split:
+        raise ValueError(f"config.upsample.input={u.input!r} and config.upsample.split={u.split!r}: give one.")
+    if u.num_images < 0:
+        raise ValueError(f"config.upsample.num_images={u.num_images} must be >= 0 (0: all inputs).")
     for field in ("samples_per_image", "batch_size", "grid_images"):
         if u[field] < 1:
             raise ValueError(f"config.upsample.{field}={u[field]} must be >= 1.")

@@ -21,6 +21,10 @@ Writes into <workdir>/upsampled/step<step>/:
                   variations references [N, H, W, C] (the originals, first column of grid.png);
   summary.json    sampler, NFE, seconds per image, max |Down(output) - input| (before uint8 rounding).
 
+config.upsample.split = "test" (any split of config.data), instead of an input, takes the first
+config.upsample.num_images images of the model's own data, downsampled with its Down by
+config.upsample.factor (0: 2), as the inputs; upsampled.npz then also holds their originals.
+
 Pixel mode only: in latent mode the constraint would hold on the latent's coarse scale, and the
 low-resolution input has no latent of its own (not built yet).
 """
@@ -78,6 +82,28 @@ def read_inputs(path: str | epath.Path, channels: int) -> tuple[np.ndarray, list
         raise ValueError(f"config.upsample.input={str(path)!r}: `{key}` must be uint8 [N, h, w, {channels}], got "
                          f"{images.dtype} {images.shape}.")
     return images, [f"{i:05d}" for i in range(images.shape[0])]
+
+
+def split_inputs(config: ml_collections.ConfigDict, split: str, sigmas) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """config.upsample.split = <name>: the first config.upsample.num_images (0: all) images of
+    that split of config.data, area-/filter-downsampled by config.upsample.factor (0: 2) with the
+    model's own Down, as uint8 inputs; with their names and the uint8 full-size originals."""
+    from lapflow_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+    factor = config.upsample.factor or 2
+    m = int(round(np.log2(factor)))
+    num = int(config.upsample.num_images) or None
+    try:
+        images, _ = pipeline.read_split(config.data, split, num)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ValueError(f"config.upsample.split={split!r}: cannot read that split of config.data ({e}).") from e
+    originals = sample_lib.to_uint8(images)
+    constraint = conditional.Constraint(config.num_scales, m, tuple(float(s) for s in sigmas), config.pyramid.down,
+                                        config.pyramid.up)
+    if config.upsample.variation_t0 > 0:  # variations take the full-size images themselves
+        return originals, [f"{split}{i:05d}" for i in range(len(originals))], originals
+    low = sample_lib.to_uint8(constraint.down_m(jnp.asarray(sample_lib.from_uint8(originals))))
+    return low, [f"{split}{i:05d}" for i in range(low.shape[0])], originals
 
 
 def unknown_scales(config: ml_collections.ConfigDict, input_shape: tuple[int, int], image_shape: tuple[int, ...]) -> int:
@@ -154,8 +180,9 @@ def upsample_batch(config: ml_collections.ConfigDict, graphdef, params, sigmas, 
     return images, np.asarray(low), result
 
 
-_SETTINGS = ("upsample.input", "upsample.samples_per_image", "upsample.sampler", "upsample.project_steps",
-             "upsample.label", "upsample.variation_t0", "upsample.factor", "upsample.batch_size", "sample.method",
+_SETTINGS = ("upsample.input", "upsample.split", "upsample.samples_per_image", "upsample.sampler", "upsample.project_steps",
+             "upsample.label", "upsample.variation_t0", "upsample.factor", "upsample.batch_size", "upsample.num_images",
+             "sample.method",
              "sample.steps", "sample.guidance_scale", "sample.rtol", "sample.atol", "sample.use_ema", "num_scales",
              "window_starts", "path_kind", "model")
 
@@ -169,7 +196,13 @@ def upsample_to_dir(config: ml_collections.ConfigDict, setup, params: Any, sigma
                          "image has no latent of its own to condition on.")
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    inputs, names = read_inputs(cfg.input, setup.image_shape[-1])
+    originals = None
+    if cfg.split:
+        inputs, names, originals = split_inputs(config, cfg.split, sigmas)
+    else:
+        inputs, names = read_inputs(cfg.input, setup.image_shape[-1])
+        if cfg.num_images:
+            inputs, names = inputs[:cfg.num_images], names[:cfg.num_images]
     m = unknown_scales(config, inputs.shape[1:3], setup.image_shape)
     _check_settings(config, out_dir, seed)
     batch, k = int(cfg.batch_size), int(cfg.samples_per_image)
@@ -203,6 +236,8 @@ def upsample_to_dir(config: ml_collections.ConfigDict, setup, params: Any, sigma
     parts = [npz_lib.read_npz(out_dir / f"batch{i:05d}.npz") for i in range(num_batches)]
     n = inputs.shape[0]
     arrays = {key: np.concatenate([p[key] for p in parts])[:n] for key in parts[0]}
+    if originals is not None:  # inputs made from a data split: the full-size truth, for comparison
+        arrays["originals"] = originals
     npz_lib.write_npz(out_dir / "upsampled.npz", **arrays)
     for i, name in enumerate(names):
         for j in range(k):
@@ -249,8 +284,9 @@ def _check_settings(config, out_dir: epath.Path, seed: int) -> None:
 
 def upsample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, Any]:
     """The upsample mode, from checkpoint `step` (default: the latest)."""
-    if not config.upsample.input:
-        raise ValueError("--mode=upsample needs config.upsample.input (a folder of images or an .npz).")
+    if not config.upsample.input and not config.upsample.split:
+        raise ValueError("--mode=upsample needs config.upsample.input (a folder of images or an .npz) or "
+                         "config.upsample.split (a split of config.data, e.g. test).")
     setup, step, params, sigmas = sample_lib.restore_for_sampling(config, workdir, step)
     out_dir = epath.Path(workdir) / "upsampled" / f"step{step:07d}"
     summary = upsample_to_dir(config, setup, params, sigmas, out_dir, seed=config.seed + 13)

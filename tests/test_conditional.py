@@ -276,7 +276,28 @@ def test_upsample_mode_writes_consistent_outputs_and_resumes(tmp_path):
         upsample.upsample_to_dir(config, setup, state.params, (0.13, 0.44), out, seed=1)
 
 
+def test_upsample_split_inputs_are_the_models_own_down_of_the_split():
+    """config.upsample.split: the first num_images images of that split of config.data, downsampled
+    with the model's Down (area: the 2x2 mean, to uint8 rounding), their originals kept (the whole
+    mode on them runs in the README test)."""
+    from lapflow_jax import pyramid, upsample
+    from lapflow_jax.data import pipeline
+    from test_train import tiny_config
+
+    config = tiny_config(**{"pyramid.sigmas": (0.13, 0.44), "upsample.samples_per_image": 1,
+                            "upsample.batch_size": 3, "upsample.split": "test", "upsample.num_images": 3,
+                            "sample.steps": 2})
+    low, names, originals = upsample.split_inputs(config, "test", (0.13, 0.44))
+    truth, _ = pipeline.read_split(config.data, "test", 3)
+    assert low.dtype == originals.dtype == np.uint8 and names[0] == "test00000"
+    assert originals.shape == truth.shape and low.shape == (3, truth.shape[1] // 2, truth.shape[2] // 2, truth.shape[3])
+    expect = (np.asarray(pyramid.downsample(jnp.asarray(truth), "area")) + 1) * 127.5
+    assert np.abs(low - expect).max() <= 0.5 + 1e-3, np.abs(low - expect).max()
+
+
 @pytest.mark.parametrize("field,value,message", [
+    ("upsample.num_images", -1, "config.upsample.num_images=-1"),
+    ("upsample.split", "test", "config.upsample.input='x.npz' and config.upsample.split='test'"),
     ("upsample.sampler", "ilvr", "config.upsample.sampler='ilvr'"),
     ("upsample.samples_per_image", 0, "config.upsample.samples_per_image=0"),
     ("upsample.variation_t0", 1.0, "config.upsample.variation_t0=1.0"),
@@ -287,7 +308,7 @@ def test_upsample_config_errors_name_the_field(field, value, message):
     from lapflow_jax import config as config_lib
     from test_train import tiny_config
 
-    config = tiny_config()
+    config = tiny_config(**{"upsample.input": "x.npz"} if field == "upsample.split" else {})
     section, name = field.split(".")
     config[section][name] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -17,7 +17,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "launch" / "colab_demo.ipynb"
-FIGURE_TAGS = ("figure-loss", "figure-samples", "figure-coarse-to-fine")
+FIGURE_TAGS = ("figure-loss", "figure-samples", "figure-coarse-to-fine", "figure-upsample")
 
 
 def _tagged(nb, tag):
@@ -57,6 +57,26 @@ def test_notebook_is_valid_and_committed_without_outputs():
     assert "YOUR-ORG" not in NOTEBOOK.read_text() and "github.com/" not in params.source
     for tag in FIGURE_TAGS:
         assert "plt.show()" in _tagged(nb, tag).source
+
+
+def test_upsample_cell_runs_the_readmes_upsample_command():
+    """The notebook's super-resolution cell applies the flags of the README's upsample command
+    ("Using it"), word for word after its --workdir."""
+    import re
+    import shlex
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_readme
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = _tagged(nb, "figure-upsample").source
+    match = re.search(r"UPSAMPLE_FLAGS = \((.*?)\)\n", cell, re.S)
+    assert match, "the cell keeps its flags in UPSAMPLE_FLAGS = (...)"
+    flags = "".join(re.findall(r'"([^"]*)"', match.group(1))).split()
+    (readme,) = [shlex.split(c) for k, c in test_readme.using_it() if test_readme.kind(k, c) == "upsample"]
+    after = readme[next(i for i, w in enumerate(readme) if w.startswith("--workdir=")) + 1:]
+    assert flags == after, (flags, after)
 
 
 def _install_helpers() -> dict:

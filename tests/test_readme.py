@@ -121,7 +121,7 @@ def kind(comment: str, command: str) -> str:
     words = shlex.split(command)
     if "misspelt" in comment.lower():
         return "misspelt"
-    for mode in ("sample", "eval"):
+    for mode in ("sample", "eval", "upsample"):
         if f"--mode={mode}" in words:
             return mode
     if any(w.startswith("--config.") for w in words):
@@ -152,6 +152,7 @@ def test_readme_keeps_its_two_commands_and_links_the_docs():
     for path in DOCS:
         assert f"](docs/{path.name})" in text, f"README does not link docs/{path.name}"
     assert "](docs/demo_samples.png)" in section(text, "## Demo")
+    assert "](docs/demo_upsample.png)" in section(text, "## Demo")  # the upsample command's grid
 
 
 def test_license_and_method_page_are_in_the_repository_and_nothing_cites_outside_it():
@@ -361,6 +362,36 @@ def _checkpoint_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+def check_upsample(paragraph: str, workdir: Path, words: list[str]) -> None:
+    """The upsample command left what the README says, for as many inputs as it asked, and every
+    sample downsamples to its input: to 1e-5 before uint8 rounding (summary.json), and within the
+    rounding (1 level of 255) on the written uint8 files."""
+    import numpy as np
+
+    (out,) = (workdir / "upsampled").iterdir()
+    names = _leaves(paragraph.split("The upsample mode", 1)[1])
+    assert names[0] == "upsampled/step<step>/" and len(names) > 2, names
+    for name in names[1:]:
+        assert (out / name).exists(), f"README says the upsample mode writes {name}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["max_consistency_error"] <= 1e-5, summary
+    num = int([w for w in words if w.startswith("--config.upsample.num_images=")][0].split("=", 1)[1])
+    with np.load(out / "upsampled.npz") as data:
+        inputs, samples, originals = data["inputs"], data["samples"], data["originals"]
+    assert inputs.shape[0] == samples.shape[0] == originals.shape[0] == num, (inputs.shape, samples.shape)
+    n, k, h, w, c = samples.shape
+    assert (h, w) == (2 * inputs.shape[1], 2 * inputs.shape[2]) and originals.shape[1:3] == (h, w)
+    blocks = samples.astype(np.float64).reshape(n, k, h // 2, 2, w // 2, 2, c)
+    down = blocks.mean((3, 5))  # the demo's area Down
+    # Writing uint8 clips to [0, 255]: a 2x2 block holding a clipped pixel (black background next to
+    # a stroke) can be off by more than rounding; the float output is exact there too (summary).
+    unclipped = ((blocks > 0) & (blocks < 255)).all((3, 5))
+    assert unclipped.mean() > 0.5, unclipped.mean()
+    error = np.abs(down - inputs[:, None].astype(np.float64))[unclipped]
+    assert error.max() <= 1.0, f"a sample does not downsample to its input ({error.max()} levels)"
+    assert len(list((out / "images").glob("*.png"))) == n * k
+
+
 # Small sizes appended to the "Using it" commands (the README's own flags come first).
 SMALL = {
     "sample": ["--config.sample.num_images=10", "--config.sample.batch_size=10", "--config.sample.steps=6"],
@@ -421,7 +452,9 @@ def test_readme_first_command_verbatim_then_using_it(tmp_path):
             assert _checkpoint_steps(target)[-1] == 2  # the loop may also keep its first step
         else:
             paragraph = section(text, "## Using it").split("```")[-1]
-            if k == "sample":
+            if k == "upsample":
+                check_upsample(paragraph, target, words)
+            elif k == "sample":
                 names = _leaves(paragraph.split("the eval mode", 1)[0])
                 (out,) = (target / "generated").iterdir()
                 for name in names[1:]:  # the first is the folder, generated/step<step>/
@@ -439,4 +472,4 @@ def test_readme_first_command_verbatim_then_using_it(tmp_path):
                 assert proc.returncode == 0, f"{command} {' '.join(small)} (again)\n{_failure(proc)}"
                 assert "0 part(s) to do" in proc.stderr, _failure(proc)
                 assert json.loads(metrics.read_text())["metrics"] == first["metrics"]
-    assert set(kinds) == {"train", "sample", "eval", "override", "misspelt"}, kinds
+    assert set(kinds) == {"train", "sample", "eval", "upsample", "override", "misspelt"}, kinds
