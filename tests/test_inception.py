@@ -212,6 +212,7 @@ def test_tf1_resize_matches_tensorflow_and_torch_fidelity():
     for key, size in (("small_up", (23, 31)), ("small_down", (5, 4))):
         got = np.asarray(inception.resize_bilinear_tf1(stored["small_in"], *size))
         np.testing.assert_allclose(got, stored[key], atol=1e-4, rtol=0)  # 0..255 scale
+    _load_torch_fidelity_blocks()  # the package stub: torch-fidelity's __init__ imports torchvision
     module = importlib.import_module("torch_fidelity.interpolate_compat_tensorflow")
     pixels = _photos_uint8(64).astype(np.float32)
     want = module.interpolate_bilinear_2d_like_tensorflow1x(
