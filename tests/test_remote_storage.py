@@ -58,23 +58,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gcs_emulator import _free_port, running_emulator
+from gcs_emulator import _clear_client_caches, _free_port, running_emulator
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(REPO / "configs" / "demo.py")
-
-
-def _clear_client_caches():
-    """Cached GCS clients would keep pointing at an earlier endpoint (or at real GCS)."""
-    import fsspec
-    from etils.epath import backend
-
-    backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
-    for protocol in ("gs", "gcs"):
-        try:
-            fsspec.get_filesystem_class(protocol).clear_instance_cache()
-        except (ImportError, ValueError):
-            pass
 
 
 @pytest.fixture(scope="module")
