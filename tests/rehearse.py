@@ -22,6 +22,10 @@ command, each failing the rehearsal when it fails:
     launch/train.sh ... MAX_RETRIES=0 RUN_NAME=imagenet256-sample -- --distributed --mode=sample ...
     gcloud storage ls gs://BUCKET/imagenet256/generated/
     gcloud storage cp -r gs://BUCKET/imagenet256/generated/step0000008 ./samples
+    launch/train.sh ... MAX_RETRIES=0 RUN_NAME=imagenet256-eval -- --distributed --mode=eval ...
+        (the EfficientNet-Lite0 Frechet distance against the prepared data in the bucket)
+    gcloud storage cat gs://BUCKET/imagenet256/eval/step0000008/metrics.json
+    gcloud storage cp gs://BUCKET/imagenet256/eval/step0000008/samples_8x16x16x3.npz ./adm.npz
 
 --break_step=local-latents writes the latent cache to a folder on each worker's own disk instead of
 the bucket (LATENTS_DIR=/local-disk/..., which the fake gcloud maps to each worker's folder): the deliberate break that must make the rehearsal fail.
@@ -174,6 +178,23 @@ def rehearse(root: Path, break_step: str = "") -> dict:
         with np.load(root / "samples" / "samples.npz") as samples:
             if samples["images"].shape != (8, 16, 16, 3) or samples["images"].dtype != np.uint8:
                 raise RehearsalFailed(f"samples.npz images {samples['images'].shape} {samples['images'].dtype}")
+        # Evaluate on both hosts (docs' step 5) with the metric that needs no weight file (the
+        # packaged EfficientNet-Lite0's Frechet distance; FID needs a local Inception file), against
+        # the prepared dataset in the bucket; fetch the metrics and the samples in ADM's layout.
+        pod.run("launch/train.sh", f"CONFIG={CONFIG}", f"WORKDIR={workdir}", "MAX_RETRIES=0",
+                "RUN_NAME=imagenet256-eval", f"LOG_DIR={root / 'tpu-logs-eval'}", "--", "--distributed",
+                "--verbose", "--mode=eval", *overrides(**source, **{
+                    "data.latents_dir": latents_dir, "sample.batch_size": 8, "eval.num_samples": 8,
+                    "eval.metrics": "('fd_efficientnet',)", "eval.reference_split": "train",
+                    "eval.num_reference": 8, "eval.feature_batch_size": 8}))
+        evaluated = f"{workdir}/eval/step{STEPS:07d}"
+        metrics = json.loads(pod.run("gcloud", "storage", "cat", f"{evaluated}/metrics.json").stdout)
+        if not np.isfinite(metrics.get("metrics", {}).get("fd_efficientnet", np.nan)):
+            raise RehearsalFailed(f"eval metrics.json has no finite fd_efficientnet: {metrics}")
+        pod.run("gcloud", "storage", "cp", f"{evaluated}/samples_8x16x16x3.npz", str(root / "adm.npz"))
+        with np.load(root / "adm.npz") as adm:
+            if adm["arr_0"].shape != (8, 16, 16, 3) or adm["arr_0"].dtype != np.uint8 or adm["arr_1"].shape != (8,):
+                raise RehearsalFailed(f"ADM samples file: arr_0 {adm['arr_0'].shape} {adm['arr_0'].dtype}")
     return {"commands": pod.commands, "seconds": time.monotonic() - start, "preempted_at": int(found.group(1))}
 
 

@@ -133,5 +133,6 @@ def test_rehearsal_of_the_imagenet_latent_sequence(tmp_path):
           + "\n".join(summary["commands"]))
     assert [c.split()[0] for c in summary["commands"]] == [
         "gcloud", "launch/create_tpu.sh", "launch/setup_workers.sh", "launch/prepare_data.sh",
-        "launch/cache_latents.sh", "launch/train.sh", "gcloud", "launch/train.sh", "gcloud", "gcloud"]
+        "launch/cache_latents.sh", "launch/train.sh", "gcloud", "launch/train.sh", "gcloud", "gcloud",
+        "launch/train.sh", "gcloud", "gcloud"]
     assert 1 <= summary["preempted_at"] < rehearse.STEPS

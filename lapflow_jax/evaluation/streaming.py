@@ -80,8 +80,12 @@ class FeatureProgram:
         self.mesh = mesh
         self.networks = dict(networks)
         replicated = NamedSharding(mesh, P())
-        self.states = {name: jax.device_put(net.state, replicated) for name, net in self.networks.items()}
-        self.decode_state = None if decode is None else jax.device_put(decode[1], replicated)
+        # From host copies: each process places its own replicas (a device_put of one process's
+        # device arrays onto a mesh spanning other hosts is a cross-host transfer, which a
+        # multi-process CPU job refuses; the pod rehearsal's latent eval found it).
+        place = lambda tree: jax.device_put(jax.tree.map(np.asarray, tree), replicated)
+        self.states = {name: place(net.state) for name, net in self.networks.items()}
+        self.decode_state = None if decode is None else place(decode[1])
         decode_fn = None if decode is None else decode[0]
         networks_ = self.networks
 
