@@ -24,7 +24,6 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from lapflow_jax import parallel, pyramid, sampling
@@ -58,15 +57,16 @@ def dopri5_options(config) -> sampling.Dopri5Options:
                                   per_sample=bool(config.sample.get("dopri5_per_sample", True)))
 
 
-def velocity_for(config, graphdef: nnx.GraphDef, num_classes: int, data_shards: int = 1) -> sampling.VelocityFn:
+def velocity_for(config, graphdef: nnx.GraphDef, num_classes: int) -> sampling.VelocityFn:
     """The velocity function sampling uses (classifier-free guided when the config asks for it),
-    evaluated config.sample.rows_per_call samples per data shard at a time when that is set."""
+    evaluated config.sample.rows_per_call samples per data shard at a time when that is set (the
+    shards: the data-parallel chips of the mesh it is traced under, `model_context`)."""
     if num_classes > 0 and config.sample.guidance_scale != 1.0:
         fn = sampling.guided_velocity_fn(graphdef, config.sample.guidance_scale, num_classes)
     else:
         fn = sampling.model_velocity_fn(graphdef)
     rows = int(config.sample.get("rows_per_call", 0))
-    return sampling.in_chunks(fn, rows, data_shards) if rows else fn
+    return sampling.in_chunks(fn, rows) if rows else fn
 
 
 def model_context(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
@@ -186,8 +186,7 @@ def sample_on_mesh(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, pa
     else:
         labels = default_labels
     with model_context(config, mesh):
-        velocity = velocity_for(config, graphdef, num_classes, data_shards=1 if mesh is None else parallel.data_size(mesh))
-        result = sampling.sample(velocity, (params, labels), path, noise,
+        result = sampling.sample(velocity_for(config, graphdef, num_classes), (params, labels), path, noise,
                                  method=config.sample.method, steps=config.sample.steps, rtol=config.sample.rtol,
                                  atol=config.sample.atol, previews=previews, dopri5=dopri5_options(config),
                                  to_image=sampling.image_fn(tuple(float(s) for s in sigmas), config.pyramid.up))

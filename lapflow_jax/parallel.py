@@ -140,6 +140,13 @@ def data_size(mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
 
 
+def padded_batch(requested: int, mesh, rows_per_shard: int = 0) -> int:
+    """`requested` rounded up to whole rows per data-parallel chip (and, with `rows_per_shard`,
+    config.sample.rows_per_call, whole model calls per chip): sampling pads, then trims."""
+    unit = data_size(mesh) * max(1, int(rows_per_shard))
+    return max(1, -(-int(requested) // unit)) * unit
+
+
 def batch_spec(mesh) -> P:
     """PartitionSpec of an array whose leading axis is a batch split over the data-parallel chips."""
     return P(tuple(a for a in BATCH_AXES if a in mesh.shape))

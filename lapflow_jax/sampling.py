@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lapflow_jax import pyramid
+from lapflow_jax import parallel, pyramid
 from lapflow_jax.paths import MultiScalePath
 
 METHODS = ("euler", "heun", "dopri5")
@@ -454,21 +454,24 @@ def _model_velocity(graphdef, args, states, t):
 
 
 @functools.lru_cache(maxsize=None)
-def in_chunks(velocity_fn: VelocityFn, rows_per_shard: int, shards: int = 1) -> VelocityFn:
+def in_chunks(velocity_fn: VelocityFn, rows_per_shard: int) -> VelocityFn:
     """The same field, evaluated `rows_per_shard` samples per data shard at a time (lax.map).
 
-    args = (model_state, labels [B] or None); B must divide by rows_per_shard * shards. Each call
+    args = (model_state, labels [B] or None); B must divide by rows_per_shard times the shards (the
+    data-parallel chips of the `parallel.activation_sharding` mesh it is traced under, else 1). Each call
     then sees a batch of the same shape whatever B is, so a sample's velocity comes from the same
     compiled code and is the same bits at any sample batch: XLA picks a dot's vectorisation by
     its shape, and the same row of a batch of 4 and one of 16 can differ in the last bit. On a
-    mesh, chunk j takes rows j*n..(j+1)*n of every shard's block (`shards` = the data axis), so
-    no row leaves its device. Also bounds a big sample batch's activation memory.
+    mesh, chunk j takes rows j*n..(j+1)*n of every shard's block, so no row leaves its device.
+    Also bounds a big sample batch's activation memory.
     """
-    return functools.partial(_velocity_in_chunks, velocity_fn, int(rows_per_shard), int(shards))
+    return functools.partial(_velocity_in_chunks, velocity_fn, int(rows_per_shard))
 
 
-def _velocity_in_chunks(velocity_fn, rows, shards, args, states, t):
+def _velocity_in_chunks(velocity_fn, rows, args, states, t):
     model_state, labels = args
+    mesh = parallel.active_mesh()
+    shards = 1 if mesh is None else parallel.data_size(mesh)
     batch = t.shape[0]
     if batch % (rows * shards):
         raise ValueError(f"sampling batch {batch} does not divide into chunks of {rows} rows per data shard "

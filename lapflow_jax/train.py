@@ -380,10 +380,10 @@ def _shard_iterator(data_config, global_batch_size: int, seed: int, shard: int, 
 
 
 def sample_batch_size(setup: Setup) -> int:
-    """The batch `write_samples` samples: config.sample.num_images padded to a multiple of the
-    'data' axis (the extra images are trimmed)."""
-    data = parallel.data_size(setup.mesh)
-    return -(-setup.config.sample.num_images // data) * data
+    """The batch `write_samples` samples: config.sample.num_images padded to whole rows (and model
+    calls, config.sample.rows_per_call) per data-parallel chip; the extra images are trimmed."""
+    return parallel.padded_batch(setup.config.sample.num_images, setup.mesh,
+                                 setup.config.sample.get("rows_per_call", 0))
 
 
 def write_samples(setup: Setup, state: TrainState, workdir: epath.Path, writer, step: int) -> str | None:

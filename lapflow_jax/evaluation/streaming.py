@@ -53,8 +53,7 @@ def global_batch(requested: int, mesh: Mesh, rows_per_shard: int = 1) -> int:
     """`requested` rounded up to a multiple of the mesh's 'data' axis (as training pads its sampling
     batch): on a pod, the ImageNet configs' batch of 16 becomes one row per data-parallel device.
     rows_per_shard: also a whole number of model calls per device (config.sample.rows_per_call)."""
-    unit = parallel.data_size(mesh) * max(1, int(rows_per_shard))
-    return max(1, -(-int(requested) // unit)) * unit
+    return parallel.padded_batch(requested, mesh, rows_per_shard)
 
 
 def barrier(name: str) -> None:
