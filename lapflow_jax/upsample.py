@@ -100,10 +100,11 @@ def split_inputs(config: ml_collections.ConfigDict, split: str, sigmas) -> tuple
     originals = sample_lib.to_uint8(images)
     constraint = conditional.Constraint(config.num_scales, m, tuple(float(s) for s in sigmas), config.pyramid.down,
                                         config.pyramid.up)
+    names = [f"{split}{i:05d}" for i in range(len(originals))]
     if config.upsample.variation_t0 > 0:  # variations take the full-size images themselves
-        return originals, [f"{split}{i:05d}" for i in range(len(originals))], originals
+        return originals, names, originals
     low = sample_lib.to_uint8(constraint.down_m(jnp.asarray(sample_lib.from_uint8(originals))))
-    return low, [f"{split}{i:05d}" for i in range(low.shape[0])], originals
+    return low, names, originals
 
 
 def unknown_scales(config: ml_collections.ConfigDict, input_shape: tuple[int, int], image_shape: tuple[int, ...]) -> int:
@@ -180,11 +181,10 @@ def upsample_batch(config: ml_collections.ConfigDict, graphdef, params, sigmas, 
     return images, np.asarray(low), result
 
 
-_SETTINGS = ("upsample.input", "upsample.split", "upsample.samples_per_image", "upsample.sampler", "upsample.project_steps",
-             "upsample.label", "upsample.variation_t0", "upsample.factor", "upsample.batch_size", "upsample.num_images",
-             "sample.method",
-             "sample.steps", "sample.guidance_scale", "sample.rtol", "sample.atol", "sample.use_ema", "num_scales",
-             "window_starts", "path_kind", "model")
+_SETTINGS = ("upsample.input", "upsample.split", "upsample.num_images", "upsample.samples_per_image",
+             "upsample.sampler", "upsample.project_steps", "upsample.label", "upsample.variation_t0",
+             "upsample.factor", "upsample.batch_size", "sample.method", "sample.steps", "sample.guidance_scale",
+             "sample.rtol", "sample.atol", "sample.use_ema", "num_scales", "window_starts", "path_kind", "model")
 
 
 def upsample_to_dir(config: ml_collections.ConfigDict, setup, params: Any, sigmas: np.ndarray, out_dir, *,
