@@ -175,6 +175,9 @@ def counting_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     # XLA's cost analysis counts a scan body once, so count the unrolled blocks.
     if "scan_layers" in counted.model:
         counted.model.scan_layers = False
+    # ...and a chunked sampling call's lax.map likewise: one call on the whole (one-sample) batch.
+    if "rows_per_call" in counted.sample:
+        counted.sample.rows_per_call = 0
     return counted
 
 

@@ -293,6 +293,14 @@ def test_dopri5_sample_i_is_the_same_bits_at_sample_batch_4_and_16():
         "the test no longer shows what rows_per_call is for"
 
 
+def test_sample_mode_with_rows_per_call_counts_its_gflops(tmp_path):
+    """The sample mode with chunked calls: its GFLOPs count (one-sample calls) ignores the chunking."""
+    config = tiny_config(**{"sample.rows_per_call": 2, "sample.gflops": True, "sample.previews": False})
+    setup, params, sigmas = _setup_and_params(config, jax.devices()[:1])
+    summary = sample.generate_to_dir(config, setup, params, sigmas, tmp_path, num_images=2, previews=False, seed=0)
+    assert summary["gflops"]["gflops_per_sample"] > 0
+
+
 def test_chunked_velocity_on_a_mesh_equals_one_device():
     config = tiny_config(**THREE_SCALES, **{"sample.rows_per_call": 2, "sample.batch_size": 8,
                                             "train.global_batch_size": 6})
