@@ -50,8 +50,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from lapflow_jax import checkpoint as ckpt_lib  # noqa: E402
 from lapflow_jax import cli, generate, parallel, pyramid, sampling, train  # noqa: E402
-from lapflow_jax import flops as flops_lib  # noqa: E402
-from lapflow_jax import roofline  # noqa: E402
+from lapflow_jax import roofline, step_cost  # noqa: E402
 from lapflow_jax.data import latents as latents_data  # noqa: E402
 from lapflow_jax.data import pipeline  # noqa: E402
 from lapflow_jax.models import attention, presets  # noqa: E402
@@ -459,48 +458,18 @@ def _resolved_backend(config) -> str:
     return attention.resolve_backend(config.model.attention_backend, presets.DTYPES[config.model.dtype])
 
 
-def abstract_batch(setup: train.Setup, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
-    sharding = parallel.batch_sharding(setup.mesh)
-    data = {"image": jax.ShapeDtypeStruct((batch,) + tuple(setup.image_shape), jnp.float32, sharding=sharding)}
-    if setup.num_classes > 0:
-        data["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
-    return data
-
-
 def compile_train_step(setup: train.Setup, hbm: float, *, count_flops: bool = True, log=print) -> ProgramReport:
     shardings, abstract = train.state_shardings(setup)
     state = ckpt_lib.abstract_with_shardings(abstract, shardings)
-    batch = abstract_batch(setup, setup.config.train.global_batch_size)
+    batch = step_cost.abstract_batch(setup, setup.config.train.global_batch_size)
     log(f"Compiling the train step (global batch {setup.config.train.global_batch_size}) ...")
     lowered = train.make_train_step(setup).lower(state, batch)
-    flops = model_flops_per_chip(setup) if count_flops else None
+    flops = step_cost.model_flops_per_chip(setup) if count_flops else None
     report = compile_program("train step", lowered, hbm, argument_bytes=bytes_per_chip((state, batch)), flops=flops)
     if count_flops and flops and report.out_of_memory is None:
         log("Compiling the step at depth 1 and 2 for its HBM traffic ...")
-        report.step_time = predict_step_time(setup, report, flops, hbm_bytes_per_chip(setup))
+        report.step_time = predict_step_time(setup, report, flops, step_cost.hbm_bytes_per_chip(setup))
     return report
-
-
-def _train_step_cost(setup: train.Setup, **model_overrides) -> dict[str, float]:
-    """The TPU compiler's cost analysis of the train step with the model fields overridden."""
-    config = ml_collections.ConfigDict(setup.config.to_dict())
-    config.model.update(model_overrides)
-    variant = train.make_setup(config, setup.mesh, dataset_classes=setup.num_classes)
-    shardings, abstract = train.state_shardings(variant)
-    lowered = train.make_train_step(variant).lower(ckpt_lib.abstract_with_shardings(abstract, shardings),
-                                                   abstract_batch(variant, config.train.global_batch_size))
-    return lowered.compile().cost_analysis()
-
-
-def hbm_bytes_per_chip(setup: train.Setup) -> float:
-    """Bytes one chip's train step reads and writes in HBM, by the TPU compiler's cost analysis.
-
-    The analysis counts a loop's body once, so the step is compiled with 1 and 2 unrolled blocks
-    and extrapolated to the depth: every block is the same program, so the bytes are linear in
-    the depth (a + b * depth). Two small compiles, whatever the depth."""
-    one, two = (float(_train_step_cost(setup, depth=d, scan_layers=False)["bytes accessed"]) for d in (1, 2))
-    depth = presets.model_size(setup.config.model)[1]
-    return one + (two - one) * (depth - 1)
 
 
 def slice_shape(devices: Sequence[jax.Device]) -> tuple[int, ...]:
@@ -525,20 +494,6 @@ def predict_step_time(setup: train.Setup, report: ProgramReport, flops: float, h
             links[group] = roofline.group_links(chip, coords[list(group)], shape)
         entries.append((op.kind, op.count, op.bytes, links[group]))
     return roofline.step_time(chip, flops=flops, hbm_bytes=hbm_bytes, collectives=entries)
-
-
-def model_flops_per_chip(setup: train.Setup) -> float | None:
-    """FLOPs of one train step divided by the chips: XLA's count of the whole step lowered for one
-    host CPU device (lowering allocates nothing), with every layer unrolled and the XLA attention,
-    since XLA counts a scanned loop's body once and cannot see into Pallas kernels (and gives no
-    count for a program lowered for TPU devices)."""
-    cpu = parallel.make_mesh((1, 1), jax.devices("cpu")[:1])
-    counted = train.make_setup(flops_lib.counting_config(setup.config), cpu, dataset_classes=setup.num_classes)
-    shardings, abstract = train.state_shardings(counted)
-    lowered = train.make_train_step(counted).lower(ckpt_lib.abstract_with_shardings(abstract, shardings),
-                                                   abstract_batch(counted, setup.config.train.global_batch_size))
-    cost = lowered.cost_analysis()
-    return float(cost["flops"]) / setup.mesh.size if cost and "flops" in cost else None
 
 
 def compile_sampling(setup: train.Setup, hbm: float, *, log=print) -> list[ProgramReport]:

@@ -36,7 +36,7 @@ GB = 1e9
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """Published figures of one TPU generation (docs/compile_check.md gives each one's source)."""
+    """Published figures of one accelerator (docs/compile_check.md gives each one's source)."""
 
     name: str
     peak_flops: float        # bf16 FLOP/s per chip
@@ -60,6 +60,10 @@ CHIPS = {
     "TPU v5 lite": Chip("v5e", 197e12, 819 * GB, 4, 50 * GB, "side16"),
     "TPU v5": Chip("v5p", 459e12, 2765 * GB, 6, 100 * GB, "cube"),
     "TPU v6 lite": Chip("v6e", 918e12, 1638 * GB, 4, 100 * GB, "side16"),
+    # One GPU's figures (dense bf16, HBM), for a step compiled and timed on one local GPU
+    # (benchmarks/step_roofline.py); NVLink is not modelled, so no collectives are predicted.
+    "NVIDIA H100 80GB HBM3": Chip("h100", 989.4e12, 3350 * GB, 0, 0.0, "none"),
+    "NVIDIA H200": Chip("h200", 989.4e12, 4800 * GB, 0, 0.0, "none"),
 }
 
 # Ring factor per collective kind (see the module docstring).

@@ -45,6 +45,22 @@ def test_accelerator_benchmark_smoke(tmp_path):
             assert r["seconds_per_step"] > 0 and r["tflops_per_s_per_device"] > 0 and 0 < r["mfu"] < 1
 
 
+@pytest.mark.slow
+def test_step_roofline_smoke(tmp_path):
+    """benchmarks/step_roofline.py's whole path on a tiny stand-in of a paper config: compile, time,
+    and the roofline terms from the same FLOPs and bytes it reports."""
+    out = run_script("benchmarks/step_roofline.py", "--smoke", "--batch=4", "--steps=1",
+                     "--configs=configs/imagenet256_b2_lapflow.py", f"--json={tmp_path / 'result.json'}")
+    assert "| imagenet256_b2_lapflow | 4 |" in out
+    (result,) = json.loads((tmp_path / "result.json").read_text())["results"]
+    assert result["num_scales"] == 2 and result["gflops"] > 0 and result["hbm_gb"] > 0
+    assert "datasheet" not in result   # a CPU has no datasheet entry: only the measured ceilings
+    m = result["measured"]
+    assert m["compute_s"] == pytest.approx(result["gflops"] * 1e9 / m["peak_flops"])
+    assert m["hbm_s"] == pytest.approx(result["hbm_gb"] * 1e9 / m["hbm_bandwidth"])
+    assert m["measured_over_predicted"] == pytest.approx(result["step_s_median"] / max(m["compute_s"], m["hbm_s"]))
+
+
 def _write_idx(path: Path, array) -> None:
     """An uncompressed idx file (the MNIST format) holding a uint8 array."""
     import numpy as np
