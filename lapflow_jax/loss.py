@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from lapflow_jax import paths
 from lapflow_jax.paths import MultiScalePath
 
 # (states finest first, t [B], labels [B] or None) -> velocities finest first.
@@ -64,17 +65,16 @@ def multiscale_loss(model: VelocityModel, residuals: Sequence[jax.Array], labels
     if sum(stage_sizes) != batch:
         raise ValueError(f"stage sizes {tuple(stage_sizes)} sum to {sum(stage_sizes)}, not the batch {batch}.")
     inputs, targets = [], []
-    start = 0
+    stage_residuals = [paths.split_stages(r, stage_sizes) for r in residuals]   # [scale k][stage f]
+    stage_labels = None if labels is None else paths.split_stages(labels, stage_sizes)
     for f, size in enumerate(stage_sizes):
-        rows = slice(start, start + size)
-        start += size
         stage_rng = jax.random.fold_in(rng, f)
         time_rng, *noise_rngs = jax.random.split(stage_rng, num_scales + 1)
         t = path.sample_times(time_rng, f, size)
-        clean = [residuals[k][rows] for k in range(f, num_scales)]
+        clean = [stage_residuals[k][f] for k in range(f, num_scales)]
         noise = [jax.random.normal(noise_rngs[k], x.shape, x.dtype) for k, x in zip(range(f, num_scales), clean)]
         states = [path.noisy_state(x, e, t, k) for k, x, e in zip(range(f, num_scales), clean, noise)]
-        inputs.append((states, t, None if labels is None else labels[rows]))
+        inputs.append((states, t, None if labels is None else stage_labels[f]))
         targets.append([path.velocity_target(x, e, k) for k, x, e in zip(range(f, num_scales), clean, noise)])
     predicted = model.stages(inputs) if hasattr(model, "stages") else stagewise(model)(inputs)
 

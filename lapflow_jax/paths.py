@@ -19,6 +19,7 @@ The flow math here never imports the model: it is tested on closed-form Gaussian
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -164,3 +165,37 @@ def stage_batch_sizes(global_batch: int, fractions: Sequence[float] | None, num_
                 f"global batch {global_batch} is too small to give each of the {num_scales} training "
                 f"stages an example (sizes {sizes}, stage_fractions {fractions}).")
     return tuple(sizes)
+
+
+def split_stages(x: jax.Array, stage_sizes: Sequence[int]) -> list[jax.Array]:
+    """The rows of a batch each training stage takes: [B, ...] -> per stage f [n_f, ...].
+
+    The stages interleave: with g = gcd(n_0, ..., n_{L-1}) the batch is read as g runs of B / g
+    rows, and stage f takes the same n_f / g positions of every run. The mesh splits a batch over
+    its D data-parallel devices in contiguous blocks, so whenever D divides every n_f (which
+    config validation requires) each device already holds n_f / D rows of every stage and the
+    split moves no data; contiguous slices of the global batch would put each stage on a few
+    devices and make the partitioner shuffle rows between them. The rows a stage gets do not
+    depend on D: sharded and single-device steps train on the same examples per stage.
+    `join_stages` is the inverse.
+    """
+    if len(stage_sizes) == 1:
+        return [x]
+    g = math.gcd(*stage_sizes)
+    runs = x.reshape((g, x.shape[0] // g) + x.shape[1:])
+    parts, start = [], 0
+    for n in stage_sizes:
+        parts.append(runs[:, start:start + n // g].reshape((n,) + x.shape[1:]))
+        start += n // g
+    return parts
+
+
+def join_stages(parts: Sequence[jax.Array]) -> jax.Array:
+    """Inverse of `split_stages`: per stage [n_f, ...] -> [sum n_f, ...], interleaved in runs of
+    gcd(n_f), so that a join of batch-sharded parts stays on the devices that hold its rows."""
+    if len(parts) == 1:
+        return parts[0]
+    g = math.gcd(*(p.shape[0] for p in parts))
+    runs = [p.reshape((g, p.shape[0] // g) + p.shape[1:]) for p in parts]
+    joined = jnp.concatenate(runs, axis=1)
+    return joined.reshape((-1,) + parts[0].shape[1:])

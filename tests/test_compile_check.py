@@ -293,9 +293,12 @@ def test_fsdp_over_64_chips_gathers(tmp_path):
 
 @pytest.mark.slow
 def test_two_scales_move_each_weight_once(tmp_path):
-    """Under FSDP a 2-scale step's collective bytes stay near twice its 1-scale twin's (twice the
-    parameters), because all stages share one pass through the blocks and one bf16 gather per
-    layer. One model call per stage measured 3.2x here (6.7 / 2.1 MiB); now 2.4x (1.9 / 0.8)."""
+    """Under FSDP a 2-scale step's collective bytes stay below 2.2x its 1-scale twin's (which has
+    half the parameters): all stages share one pass through the model, each per-scale layer runs
+    once over every stage's rows (one gradient reduction per weight), and a stage's rows already
+    sit on every device (no shuffle). Measured on v5e:2x2: 1.75x (1.43 / 0.82 MB). One model call
+    per stage gave 3.2x; one pass with a layer call per (stage, scale) 2.46x, 2.28x with the
+    stages' rows interleaved."""
     pytest.importorskip("libtpu", reason="the TPU compiler comes with the test extras (jax[tpu])")
     moved = {}
     for scales, windows in ((1, (0.0,)), (2, (0.5, 0.0))):
@@ -304,4 +307,4 @@ def test_two_scales_move_each_weight_once(tmp_path):
         proc, report = _run(path, "--sampling=false", "--flops=false", tmp_path=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         moved[scales] = sum(c["bytes"] for c in report["programs"][0]["collectives"])
-    assert moved[2] <= 2.5 * moved[1], moved
+    assert moved[2] <= 2.2 * moved[1], moved

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lapflow_jax.paths import MultiScalePath, stage_batch_sizes, validate_window_starts
+from lapflow_jax import parallel
+from lapflow_jax.paths import (MultiScalePath, join_stages, split_stages, stage_batch_sizes,
+                                validate_window_starts)
 
 
 @pytest.mark.parametrize("starts,message", [
@@ -68,3 +70,30 @@ def test_stage_batch_sizes():
         stage_batch_sizes(2, None, 3)
     with pytest.raises(ValueError, match="3 scales"):
         stage_batch_sizes(8, (1, 1), 3)
+
+
+def test_split_stages_interleaves_and_join_inverts_it():
+    rows = np.arange(12)
+    assert [p.tolist() for p in split_stages(rows, (8, 4))] == [[0, 1, 3, 4, 6, 7, 9, 10], [2, 5, 8, 11]]
+    assert [p.tolist() for p in split_stages(rows, (4, 4, 4))] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+    x = np.arange(12 * 3).reshape(12, 3)
+    np.testing.assert_array_equal(join_stages(split_stages(x, (6, 3, 3))), x)
+    assert split_stages(x, (12,))[0] is x and join_stages([x]) is x   # one stage: untouched
+
+
+def test_stage_rows_stay_on_their_devices():
+    """On 4 data devices a stage's rows, spread over all of them for the model, take no
+    communication: each device already holds its share of every stage, and joining the stages
+    back is local too. A contiguous slice of the batch (the rule before) lives on 2 of the 4
+    devices and must be moved."""
+    mesh = parallel.make_mesh((4, 1), jax.devices()[:4])
+    sharding = parallel.batch_sharding(mesh)
+    batch = jax.device_put(jnp.zeros((16, 8)), sharding)
+
+    def collectives(fn):
+        hlo = jax.jit(fn, out_shardings=sharding).lower(batch).compile().as_text()
+        return [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if c in hlo]
+
+    assert collectives(lambda x: 2 * split_stages(x, (8, 8))[1]) == []
+    assert collectives(lambda x: join_stages([2 * part for part in split_stages(x, (8, 4, 4))])) == []
+    assert collectives(lambda x: 2 * x[8:]) != []

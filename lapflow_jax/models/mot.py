@@ -26,14 +26,14 @@ convert parameters between the two layouts.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lapflow_jax import parallel
+from lapflow_jax import parallel, paths
 from lapflow_jax.models import attention
 
 # DiT's 256-wide sinusoidal frequency embedding of the time before its MLP.
@@ -152,6 +152,30 @@ def unpatchify(tokens: jax.Array, patch: int, h: int, w: int, c: int) -> jax.Arr
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
+def by_scale(stage_items: Sequence[Sequence[tuple[jax.Array, ...]]], firsts: Sequence[int], num_scales: int,
+             fn: Callable[..., tuple[jax.Array, ...]]) -> list[list[tuple[jax.Array, ...]]]:
+    """Applies a per-scale function once per scale to the rows of every stage that has the scale.
+
+    stage_items: per stage, per active scale (finest first, from firsts[stage]), a tuple of arrays
+    whose leading axis is the stage's rows. For each scale k the tuples of all stages containing k
+    are joined row-wise (paths.join_stages), fn(k, *joined) is called once, and its outputs are
+    split back. One call per scale, not per (stage, scale): each of scale k's weights then meets
+    one matmul per step, so its gradient is one sum over all rows (under FSDP or data parallelism,
+    one reduction instead of one per stage). Returns fn's outputs per stage, per active scale."""
+    out = [[None] * len(items) for items in stage_items]
+    for k in range(num_scales):
+        members = [i for i, first in enumerate(firsts) if first <= k]
+        if not members:
+            continue
+        parts = [stage_items[i][k - firsts[i]] for i in members]
+        sizes = [part[0].shape[0] for part in parts]
+        joined = [paths.join_stages([part[j] for part in parts]) for j in range(len(parts[0]))]
+        split = [paths.split_stages(result, sizes) for result in fn(k, *joined)]
+        for m, i in enumerate(members):
+            out[i][k - firsts[i]] = tuple(rows[m] for rows in split)
+    return out
+
+
 class MoTBlock(nnx.Module):
     """A DiT block whose every weight is per scale, with block-causal global attention."""
 
@@ -170,33 +194,46 @@ class MoTBlock(nnx.Module):
 
     def __call__(self, xs: Sequence[jax.Array], cond: jax.Array, first_scale: int) -> list[jax.Array]:
         """xs: per active scale (finest first, scales first_scale..L-1), [B, N_k, D]; cond [B, D]."""
-        scales = range(first_scale, first_scale + len(xs))
-        cond = jax.nn.silu(cond)
-        mods, qs, ks, vs = [], [], [], []
-        for x, k in zip(xs, scales):
+        return self.stages([xs], [cond], [first_scale])[0]
+
+    def stages(self, stage_xs: Sequence[Sequence[jax.Array]], conds: Sequence[jax.Array], firsts: Sequence[int]
+               ) -> list[list[jax.Array]]:
+        """Several stages' tokens through the block: per stage `__call__`'s xs, cond and first scale.
+        The per-scale layers run once per scale over all stages' rows (`by_scale`); attention runs
+        per stage, since a stage's tokens see only their own sample's scales."""
+        num_scales = self.adaln.kernel.shape[0]
+
+        def project(k, x, cond):
             x = parallel.constrain(x, TOKENS)
-            mod = jnp.split(self.adaln(cond, k), 6, axis=-1)
-            mods.append(mod)
-            qkv = self.qkv(_modulate(_layer_norm(x), mod[0], mod[1]), k)
+            mod = self.adaln(jax.nn.silu(cond), k)
+            shift, scale = jnp.split(mod, 6, axis=-1)[:2]
+            qkv = self.qkv(_modulate(_layer_norm(x), shift, scale), k)
             b, n, _ = qkv.shape
             # Head-major columns (head, q/k/v, head_dim): a contiguous slice of the 3*hidden axis
             # holds whole heads' q, k and v, so column-parallel QKV over 'model' gives each device
             # its own heads with no resharding (Megatron).
             qkv = qkv.reshape(b, n, self.num_heads, 3, -1)
-            q, kk, v = (parallel.constrain(qkv[:, :, :, i], HEADS) for i in range(3))
-            qs.append(q), ks.append(kk), vs.append(v)
-        attended = attention.multiscale_attention(qs, ks, vs, backend=self.attention_backend,
-                                                  mask=self.attention_mask)
-        outputs = []
-        for x, k, mod, o in zip(xs, scales, mods, attended):
+            return tuple(parallel.constrain(qkv[:, :, :, i], HEADS) for i in range(3)) + (mod,)
+
+        projected = by_scale([[(x, cond) for x in xs] for xs, cond in zip(stage_xs, conds)], firsts, num_scales,
+                             project)
+        attended = [attention.multiscale_attention([p[0] for p in stage], [p[1] for p in stage],
+                                                   [p[2] for p in stage], backend=self.attention_backend,
+                                                   mask=self.attention_mask) for stage in projected]
+
+        def mix(k, x, o, mod):
             b, n = o.shape[:2]
+            mod = jnp.split(mod, 6, axis=-1)
             o = parallel.constrain(o, HEADS)
             x = x + mod[2][:, None] * self.out(o.reshape(b, n, -1), k)
             h = _modulate(_layer_norm(x), mod[3], mod[4])
             h = parallel.constrain(jax.nn.gelu(self.mlp_in(h, k), approximate=True), HIDDEN)
             h = self.mlp_out(h, k)
-            outputs.append(parallel.constrain(x + mod[5][:, None] * h, TOKENS))
-        return outputs
+            return (parallel.constrain(x + mod[5][:, None] * h, TOKENS),)
+
+        mixed = by_scale([[(x, o, p[3]) for x, o, p in zip(xs, att, proj)]
+                          for xs, att, proj in zip(stage_xs, attended, projected)], firsts, num_scales, mix)
+        return [[out for (out,) in stage] for stage in mixed]
 
 
 class MoT(nnx.Module):
@@ -307,8 +344,7 @@ class MoT(nnx.Module):
         firsts = [first for _, _, first in stages]
 
         def apply(graphdef, layer_state, toks, conds):
-            block = nnx.merge(graphdef, layer_state)
-            return [block(t, c, first) for t, c, first in zip(toks, conds, firsts)]
+            return nnx.merge(graphdef, layer_state).stages(toks, conds, firsts)
 
         if self.remat != "none":
             # prevent_cse=False inside scan (the loop already keeps XLA from merging the
@@ -323,58 +359,65 @@ class MoT(nnx.Module):
             return tokens
         for block in self.blocks:
             if self.remat == "none":
-                tokens = [block(t, c, first) for t, c, first in zip(tokens, conds, firsts)]
+                tokens = block.stages(tokens, conds, firsts)
             else:
                 graphdef, state = nnx.split(block)
                 tokens = apply(graphdef, state, tokens, conds)
         return tokens
 
-    def _embed(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None
-               ) -> tuple[list[jax.Array], jax.Array, int]:
-        """Tokens of the active scales, the conditioning vector and the first active scale."""
+    def _first_scale(self, states: Sequence[jax.Array]) -> int:
         first = self.num_scales - len(states)
         if not 0 <= first < self.num_scales:
             raise ValueError(f"got {len(states)} scale states; the model has {self.num_scales} scales.")
+        return first
+
+    def _condition(self, t: jax.Array, labels: jax.Array | None) -> jax.Array:
+        """The conditioning vector [B, D] of times t [B] and class ids [B]."""
         cond = self.time_mlp_out(jax.nn.silu(self.time_mlp_in(timestep_embedding(t * self.time_scale))))
         if self.num_classes > 0:
             if labels is None:
                 raise ValueError("this model is class-conditional: pass labels (or the null class).")
             cond = cond + self.class_embed[...][labels].astype(self.dtype)
-        cond = parallel.constrain(cond, ("activation_batch", "activation_embed"))
-        reference_grid = self.scale_shapes[0][0] // self.patch_sizes[0]
-        tokens = []
-        for x, k in zip(states, range(first, self.num_scales)):
-            p = self.patch_sizes[k]
-            h = self.patch_embed[k](patchify(x, p))
-            pos = sincos_positions(x.shape[1] // p, reference_grid, self.hidden_size)
-            h = h + jnp.asarray(pos, self.dtype)[None]
-            if self.num_scales > 1:
-                h = h + self.scale_embed[k].astype(self.dtype)
-            # A stage's sub-batch is a contiguous slice of the global batch, i.e. lives on a few
-            # 'data' devices: spread it over all of them before the heavy work.
-            tokens.append(parallel.constrain(h, TOKENS))
-        return tokens, cond, first
+        return parallel.constrain(cond, ("activation_batch", "activation_embed"))
 
-    def _head(self, tokens: list[jax.Array], cond: jax.Array, first: int) -> list[jax.Array]:
-        outputs = []
-        silu_cond = jax.nn.silu(cond)
-        for h, k in zip(tokens, range(first, self.num_scales)):
-            shift, scale = jnp.split(self.final_adaln(silu_cond, k), 2, axis=-1)
-            h = self.final_linear[k](_modulate(_layer_norm(h), shift, scale))
-            height, width, channels = self.scale_shapes[k]
-            outputs.append(unpatchify(h, self.patch_sizes[k], height, width, channels).astype(jnp.float32))
-        return outputs
+    def _embed_scale(self, x: jax.Array, k: int) -> jax.Array:
+        """Scale k's state [B, h, w, C] -> its tokens [B, N_k, D]."""
+        p = self.patch_sizes[k]
+        h = self.patch_embed[k](patchify(x, p))
+        reference_grid = self.scale_shapes[0][0] // self.patch_sizes[0]
+        h = h + jnp.asarray(sincos_positions(x.shape[1] // p, reference_grid, self.hidden_size), self.dtype)[None]
+        if self.num_scales > 1:
+            h = h + self.scale_embed[k].astype(self.dtype)
+        return parallel.constrain(h, TOKENS)
+
+    def _head_scale(self, h: jax.Array, cond: jax.Array, k: int) -> jax.Array:
+        """Scale k's tokens [B, N_k, D] -> its velocity [B, h, w, C], float32."""
+        shift, scale = jnp.split(self.final_adaln(jax.nn.silu(cond), k), 2, axis=-1)
+        h = self.final_linear[k](_modulate(_layer_norm(h), shift, scale))
+        height, width, channels = self.scale_shapes[k]
+        return unpatchify(h, self.patch_sizes[k], height, width, channels).astype(jnp.float32)
 
     def stages(self, inputs: Sequence[tuple[Sequence[jax.Array], jax.Array, jax.Array | None]]
                ) -> list[list[jax.Array]]:
         """Velocities of several independent inputs (the training stages' sub-batches), each as
-        `__call__` would give it, in one pass through the blocks.
+        `__call__` would give it, in one pass through the model.
 
         inputs: per stage (states, t, labels) as `__call__` takes them; stages may differ in
-        batch size and in the scales present. Returns per stage its velocities, finest first."""
-        embedded = [self._embed(states, t, labels) for states, t, labels in inputs]
-        tokens = self._run_blocks(embedded)
-        return [self._head(toks, cond, first) for toks, (_, cond, first) in zip(tokens, embedded)]
+        batch size and in the scales present. Every layer meets all stages' rows in one call
+        (per scale, `by_scale`; the conditioning over all rows at once), so each weight is read,
+        under FSDP gathered, and its gradient reduced once per step rather than once per stage.
+        Returns per stage its velocities, finest first."""
+        firsts = [self._first_scale(states) for states, _, _ in inputs]
+        sizes = [t.shape[0] for _, t, _ in inputs]
+        labels = None if inputs[0][2] is None else paths.join_stages([labels for _, _, labels in inputs])
+        conds = paths.split_stages(self._condition(paths.join_stages([t for _, t, _ in inputs]), labels), sizes)
+        embedded = by_scale([[(x,) for x in states] for states, _, _ in inputs], firsts, self.num_scales,
+                            lambda k, x: (self._embed_scale(x, k),))
+        tokens = self._run_blocks([([h for (h,) in stage], cond, first)
+                                   for stage, cond, first in zip(embedded, conds, firsts)])
+        outputs = by_scale([[(h, cond) for h in toks] for toks, cond in zip(tokens, conds)], firsts,
+                           self.num_scales, lambda k, h, cond: (self._head_scale(h, cond, k),))
+        return [[v for (v,) in stage] for stage in outputs]
 
     def __call__(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None = None) -> list[jax.Array]:
         """Velocities of the active scales.
