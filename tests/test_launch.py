@@ -963,7 +963,7 @@ def test_cache_latents_runs_on_every_worker_into_a_bucket(tmp_path):
     ("v5p-32", [], "LATENTS_DIR is empty, so config.data.latents_dir is the config's own"),
     ("v5litepod-16", ["NUM_WORKERS=1", "LATENTS_DIR=/mnt/disk/latents"], ""),  # one worker: its disk is it
     ("v5p-8", ["LATENTS_DIR=/mnt/disk/latents"], ""),  # a single-host slice
-    ("v5p-32", ["LATENTS_DIR=/mnt/filestore/latents", "LATENTS_DIR_SHARED=1"], ""),
+    ("v5p-32", ["LATENTS_DIR=/mnt/filestore/latents", "LATENTS_DIR_SHARED=1"], ""),  # mounted on all
     ("v5p-32", ["LATENTS_DIR=/mnt/l", "--", "--config.data.latents_dir=gs://b/l"], ""),
 ])  # fmt: skip
 def test_cache_latents_refuses_a_local_folder_on_several_workers(tmp_path, accelerator, args, refused):
