@@ -434,6 +434,8 @@ def test_jobset_dry_run_renders_manifest(tmp_path, tpu_type, slices, accelerator
         "cloud.google.com/gke-tpu-accelerator": accelerator,
         "cloud.google.com/gke-tpu-topology": topology,
     }
+    # The bucket is read through gs:// URLs by the code (no volume), as the pods' service account.
+    assert pod["serviceAccountName"] == "default" and "volumes" not in pod
     (container,) = pod["containers"]
     assert container["image"] == XPK_ENV["DOCKER_IMAGE"]
     assert container["resources"]["limits"]["google.com/tpu"] == chips
@@ -441,6 +443,14 @@ def test_jobset_dry_run_renders_manifest(tmp_path, tpu_type, slices, accelerator
     assert shlex.split(container["args"][0]) == [
         "python", "-m", "lapflow_jax.main", f"--config={CONFIG}", f"--workdir={WORKDIR}", "--config.seed=1",
     ]  # fmt: skip
+
+
+def test_jobset_pods_run_as_the_given_service_account(tmp_path):
+    env = dict(jobset_env(tmp_path, "v5p-32", 1, "sed"), K8S_SERVICE_ACCOUNT="lapflow")
+    run_script("jobset.sh", "--dry-run", env=env, tmp_path=tmp_path, check=0)
+    manifest = yaml.safe_load(pathlib.Path(env["MANIFEST"]).read_text())
+    pod = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "lapflow"
 
 
 def test_jobset_dry_run_delete_and_status(tmp_path):
@@ -505,6 +515,7 @@ def test_missing_create_only_variables(tmp_path):
         ("prepare_data.sh", ["SOURCE=imagenet2012", "DATA_DIR=/tmp/tfds"], "DATA_DIR='/tmp/tfds': expected a gs://"),
         ("prepare_data.sh", ["SOURCE=imagenet2012", "DATA_DIR=gs://my-bucket/tfds"], "missing required variable(s): MANUAL_DIR"),
         ("jobset.sh", ["TPU_TYPE=v5p-2048"], "no default GKE topology for v5p-2048"),
+        ("jobset.sh", ["K8S_SERVICE_ACCOUNT=Lapflow_SA"], "K8S_SERVICE_ACCOUNT='Lapflow_SA': expected a Kubernetes"),
     ],
 )
 def test_bad_values_give_clear_errors(tmp_path, script, args, message):
