@@ -152,3 +152,12 @@ def test_rehearsal_of_the_imagenet_latent_sequence(tmp_path):
         "launch/cache_latents.sh", "launch/train.sh", "gcloud", "launch/train.sh", "gcloud", "gcloud",
         "launch/train.sh", "gcloud", "gcloud"]
     assert 1 <= summary["preempted_at"] < rehearse.STEPS
+
+
+@pytest.mark.slow
+def test_rehearsal_fails_when_the_latent_cache_is_on_each_workers_disk(tmp_path):
+    """The deliberate break: `python tests/rehearse.py --break_step=local-latents` stops at
+    cache_latents.sh (the documented command refuses it), before any worker encodes."""
+    with pytest.raises(rehearse.RehearsalFailed, match=r"(?s)step failed: launch/cache_latents\.sh .*"
+                       r"LATENTS_DIR='/local-disk/latents/imagenet256' is a local path"):
+        rehearse.rehearse(tmp_path, break_step="local-latents")
