@@ -30,7 +30,8 @@ command, each failing the rehearsal when it fails:
 
 --break_step=local-latents writes the latent cache to a folder on each worker's own disk instead of
 the bucket (LATENTS_DIR=/local-disk/..., which the fake gcloud maps to each worker's folder): the
-deliberate break that must make the rehearsal fail.
+deliberate break that must make the rehearsal fail. It fails at cache_latents.sh, which refuses a
+local LATENTS_DIR on a slice of several workers (tests/test_pod.py checks both).
 
 The Inception file is random weights in pytorch-fid's exact format (names, shapes, torch's zip
 layout: tests/test_inception.py's write_random_fid_weights, which needs torch and torch-fidelity as
