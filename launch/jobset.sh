@@ -26,6 +26,9 @@
 #   JOB_NAME           JobSet name, at most 40 of [a-z0-9-] (default lapflow-RUN where RUN is
 #                      CONFIG's file name without .py, '_' and '.' turned into '-').
 #   NAMESPACE          Kubernetes namespace (default default).
+#   K8S_SERVICE_ACCOUNT  Kubernetes service account the pods run as (default default): the
+#                      identity that reads and writes the gs:// bucket through Workload Identity
+#                      Federation for GKE (grant it roles/storage.objectUser; launch/README.md).
 #   MAX_RESTARTS       restarts of the whole JobSet after a failure (default 3).
 #   TPU_TOPOLOGY       node label cloud.google.com/gke-tpu-topology (default: from TPU_TYPE).
 #   CHIPS_PER_VM       TPU chips per pod (default: from TPU_TYPE).
@@ -77,6 +80,9 @@ case "$action" in
 esac
 
 require_vars TPU_TYPE DOCKER_IMAGE CONFIG WORKDIR
+K8S_SERVICE_ACCOUNT=${K8S_SERVICE_ACCOUNT:-default}
+[[ "$K8S_SERVICE_ACCOUNT" =~ ^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$ && ${#K8S_SERVICE_ACCOUNT} -le 253 ]] ||
+  die "K8S_SERVICE_ACCOUNT='$K8S_SERVICE_ACCOUNT': expected a Kubernetes service account name"
 check_config_and_workdir "$CONFIG" "$WORKDIR"
 gke_parse "$TPU_TYPE"
 TPU_TOPOLOGY=${TPU_TOPOLOGY:-$gke_topology}
@@ -106,6 +112,7 @@ values=(
   "JOB_NAME=$JOB_NAME" "NAMESPACE=$NAMESPACE" "NUM_SLICES=$NUM_SLICES"
   "VMS_PER_SLICE=$VMS_PER_SLICE" "CHIPS_PER_VM=$CHIPS_PER_VM" "GKE_ACCELERATOR=$gke_accelerator"
   "TPU_TOPOLOGY=$TPU_TOPOLOGY" "MAX_RESTARTS=$MAX_RESTARTS" "DOCKER_IMAGE=$DOCKER_IMAGE"
+  "K8S_SERVICE_ACCOUNT=$K8S_SERVICE_ACCOUNT"
   "TRAIN_COMMAND=$(train_command python "$CONFIG" "$WORKDIR" ${extra_args[@]+"${extra_args[@]}"})"
 )
 mkdir -p "$(dirname "$MANIFEST")"

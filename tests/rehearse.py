@@ -11,6 +11,7 @@ and a tiny random-weight autoencoder; the model: configs/imagenet256_b2_lapflow.
 command, each failing the rehearsal when it fails:
 
     gcloud storage cp -r <autoencoder> gs://BUCKET/autoencoders/      (the weights in the bucket)
+    gcloud storage cp pt_inception-2015-12-05-6726825d.pth gs://BUCKET/weights/   (FID's InceptionV3)
     launch/create_tpu.sh --spot
     launch/setup_workers.sh
     launch/prepare_data.sh SOURCE=image_folder FOLDER=... DATA_DIR=gs://BUCKET/tfds
@@ -23,12 +24,19 @@ command, each failing the rehearsal when it fails:
     gcloud storage ls gs://BUCKET/imagenet256/generated/
     gcloud storage cp -r gs://BUCKET/imagenet256/generated/step0000008 ./samples
     launch/train.sh ... MAX_RETRIES=0 RUN_NAME=imagenet256-eval -- --distributed --mode=eval ...
-        (the EfficientNet-Lite0 Frechet distance against the prepared data in the bucket)
+        (FID against the prepared data in the bucket, config.eval.inception_weights=gs://BUCKET/weights/...)
     gcloud storage cat gs://BUCKET/imagenet256/eval/step0000008/metrics.json
     gcloud storage cp gs://BUCKET/imagenet256/eval/step0000008/samples_8x16x16x3.npz ./adm.npz
 
 --break_step=local-latents writes the latent cache to a folder on each worker's own disk instead of
-the bucket (LATENTS_DIR=/local-disk/..., which the fake gcloud maps to each worker's folder): the deliberate break that must make the rehearsal fail.
+the bucket (LATENTS_DIR=/local-disk/..., which the fake gcloud maps to each worker's folder): the
+deliberate break that must make the rehearsal fail. It fails at cache_latents.sh, which refuses a
+local LATENTS_DIR on a slice of several workers (tests/test_pod.py checks both).
+
+The Inception file is random weights in pytorch-fid's exact format (names, shapes, torch's zip
+layout: tests/test_inception.py's write_random_fid_weights, which needs torch and torch-fidelity as
+the test suite installs them), under the real file's name, so that every command is the one a user
+runs; its FID is a number without meaning, checked only to be finite.
 """
 
 import argparse
@@ -53,6 +61,7 @@ import fake_pod  # noqa: E402
 from gcs_emulator import running_emulator  # noqa: E402
 
 CONFIG = "configs/imagenet256_b2_lapflow.py"
+INCEPTION = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID weights (random ones here)
 STEPS = 8
 # configs/imagenet256_b2_lapflow.py at the smallest size that runs every step: 16x16 images, 8x8x4
 # latents of a 2-block autoencoder, a 32-wide 1-block model, 8 steps, 2-step Euler samples.
@@ -123,6 +132,19 @@ class RehearsalFailed(RuntimeError):
     pass
 
 
+def write_inception_weights(path: Path) -> None:
+    """A random-weight FID InceptionV3 in pytorch-fid's file format (see the module docstring)."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "torch_fidelity") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RehearsalFailed(f"the FID step builds its Inception file with {missing} (not installed): "
+                              "install them as tests/install_and_test.sh does")
+    import test_inception
+
+    test_inception.write_random_fid_weights(path)
+
+
 def rehearse(root: Path, break_step: str = "") -> dict:
     """Runs the sequence in `root`; returns {"commands": [...], "seconds": ..., "preempted_at": ...}."""
     from lapflow_jax import autoencoder as ae
@@ -131,10 +153,12 @@ def rehearse(root: Path, break_step: str = "") -> dict:
     make_image_folder(root / "imagenet" / "train", classes=2, per_class=8)
     ae_config = ae.AutoencoderKLConfig(**TINY_AE)
     ae.save_converted(ae.AutoencoderKL(ae_config, seed=0), ae_config, root / "tiny-vae")
+    write_inception_weights(root / INCEPTION)
     with running_emulator() as gcs:
         pod = Pod(root, gcs)
         bucket = f"gs://{gcs.bucket}"
         pod.run("gcloud", "storage", "cp", "-r", str(root / "tiny-vae"), f"{bucket}/autoencoders/")
+        pod.run("gcloud", "storage", "cp", str(root / INCEPTION), f"{bucket}/weights/")
         pod.run("launch/create_tpu.sh", "--spot")
         pod.run("launch/setup_workers.sh")
         prepared = pod.run("launch/prepare_data.sh", "SOURCE=image_folder", f"FOLDER={root / 'imagenet' / 'train'}",
@@ -178,19 +202,26 @@ def rehearse(root: Path, break_step: str = "") -> dict:
         with np.load(root / "samples" / "samples.npz") as samples:
             if samples["images"].shape != (8, 16, 16, 3) or samples["images"].dtype != np.uint8:
                 raise RehearsalFailed(f"samples.npz images {samples['images'].shape} {samples['images'].dtype}")
-        # Evaluate on both hosts (docs' step 5) with the metric that needs no weight file (the
-        # packaged EfficientNet-Lite0's Frechet distance; FID needs a local Inception file), against
-        # the prepared dataset in the bucket; fetch the metrics and the samples in ADM's layout.
+        # Evaluate on both hosts (docs' step 5): FID, each host reading the Inception weights from
+        # the bucket, against the prepared dataset in the bucket; fetch the metrics and the samples
+        # in ADM's layout.
         pod.run("launch/train.sh", f"CONFIG={CONFIG}", f"WORKDIR={workdir}", "MAX_RETRIES=0",
                 "RUN_NAME=imagenet256-eval", f"LOG_DIR={root / 'tpu-logs-eval'}", "--", "--distributed",
                 "--verbose", "--mode=eval", *overrides(**source, **{
                     "data.latents_dir": latents_dir, "sample.batch_size": 8, "eval.num_samples": 8,
-                    "eval.metrics": "('fd_efficientnet',)", "eval.reference_split": "train",
+                    "eval.metrics": "('fid',)", "eval.inception_weights": f"{bucket}/weights/{INCEPTION}",
+                    "eval.reference_split": "train",
                     "eval.num_reference": 8, "eval.feature_batch_size": 8}))
+        for i in range(2):  # both hosts read the weights from the bucket and embedded their share
+            log = (root / "tpu-logs-eval" / "attempt0" / f"worker{i}.log").read_text()
+            copies = list((pod.state / "workers" / str(i) / ".cache" / "lapflow" / "remote").glob(f"*/{INCEPTION}"))
+            if "inception features: batch" not in log or '{"fid": ' not in log or len(copies) != 1:
+                raise RehearsalFailed(f"worker {i} did not compute FID with the bucket's Inception weights "
+                                      f"(cached copies {copies}):\n{log[-3000:]}")
         evaluated = f"{workdir}/eval/step{STEPS:07d}"
         metrics = json.loads(pod.run("gcloud", "storage", "cat", f"{evaluated}/metrics.json").stdout)
-        if not np.isfinite(metrics.get("metrics", {}).get("fd_efficientnet", np.nan)):
-            raise RehearsalFailed(f"eval metrics.json has no finite fd_efficientnet: {metrics}")
+        if not np.isfinite(metrics.get("metrics", {}).get("fid", np.nan)):
+            raise RehearsalFailed(f"eval metrics.json has no finite fid: {metrics}")
         pod.run("gcloud", "storage", "cp", f"{evaluated}/samples_8x16x16x3.npz", str(root / "adm.npz"))
         with np.load(root / "adm.npz") as adm:
             if adm["arr_0"].shape != (8, 16, 16, 3) or adm["arr_0"].dtype != np.uint8 or adm["arr_1"].shape != (8,):

@@ -94,15 +94,24 @@ def _randomise(net: torch.nn.Module, seed: int) -> None:
     net.eval()
 
 
+def write_random_fid_weights(path: Path, seed: int = 1) -> torch.nn.Module:
+    """Saves a random-weight FID InceptionV3 at `path` as torch.save writes pytorch-fid's
+    pt_inception-2015-12-05-6726825d.pth (same names and shapes, 95 MB); returns the torch network.
+
+    Also used by tests/rehearse.py, whose eval step computes FID with this file from the bucket.
+    """
+    torch.manual_seed(0)
+    reference = _TorchFIDInception(_load_torch_fidelity_blocks())
+    _randomise(reference, seed=seed)
+    torch.save(reference.state_dict(), path)
+    return reference
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """(the torch network, the path of its random weights saved as torch.save writes them)."""
-    torch.manual_seed(0)
-    reference = _TorchFIDInception(_load_torch_fidelity_blocks())
-    _randomise(reference, seed=1)
     path = tmp_path_factory.mktemp("inception") / "random_fid_inception.pth"
-    torch.save(reference.state_dict(), path)
-    return reference, path
+    return write_random_fid_weights(path), path
 
 
 @pytest.fixture(scope="module")

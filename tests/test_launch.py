@@ -434,6 +434,8 @@ def test_jobset_dry_run_renders_manifest(tmp_path, tpu_type, slices, accelerator
         "cloud.google.com/gke-tpu-accelerator": accelerator,
         "cloud.google.com/gke-tpu-topology": topology,
     }
+    # The bucket is read through gs:// URLs by the code (no volume), as the pods' service account.
+    assert pod["serviceAccountName"] == "default" and "volumes" not in pod
     (container,) = pod["containers"]
     assert container["image"] == XPK_ENV["DOCKER_IMAGE"]
     assert container["resources"]["limits"]["google.com/tpu"] == chips
@@ -441,6 +443,14 @@ def test_jobset_dry_run_renders_manifest(tmp_path, tpu_type, slices, accelerator
     assert shlex.split(container["args"][0]) == [
         "python", "-m", "lapflow_jax.main", f"--config={CONFIG}", f"--workdir={WORKDIR}", "--config.seed=1",
     ]  # fmt: skip
+
+
+def test_jobset_pods_run_as_the_given_service_account(tmp_path):
+    env = dict(jobset_env(tmp_path, "v5p-32", 1, "sed"), K8S_SERVICE_ACCOUNT="lapflow")
+    run_script("jobset.sh", "--dry-run", env=env, tmp_path=tmp_path, check=0)
+    manifest = yaml.safe_load(pathlib.Path(env["MANIFEST"]).read_text())
+    pod = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "lapflow"
 
 
 def test_jobset_dry_run_delete_and_status(tmp_path):
@@ -464,7 +474,7 @@ REQUIRED = {
     "create_tpu.sh": ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE"],
     "delete_tpu.sh": ["PROJECT", "ZONE", "TPU_NAME"],
     "setup_workers.sh": ["PROJECT", "ZONE", "TPU_NAME"],
-    "cache_latents.sh": ["PROJECT", "ZONE", "TPU_NAME", "CONFIG"],
+    "cache_latents.sh": ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "CONFIG"],
     "prepare_data.sh": ["SOURCE", "DATA_DIR"],
     "train.sh": ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "CONFIG", "WORKDIR"],
     "xpk.sh": ["PROJECT", "ZONE", "CLUSTER"],
@@ -505,6 +515,7 @@ def test_missing_create_only_variables(tmp_path):
         ("prepare_data.sh", ["SOURCE=imagenet2012", "DATA_DIR=/tmp/tfds"], "DATA_DIR='/tmp/tfds': expected a gs://"),
         ("prepare_data.sh", ["SOURCE=imagenet2012", "DATA_DIR=gs://my-bucket/tfds"], "missing required variable(s): MANUAL_DIR"),
         ("jobset.sh", ["TPU_TYPE=v5p-2048"], "no default GKE topology for v5p-2048"),
+        ("jobset.sh", ["K8S_SERVICE_ACCOUNT=Lapflow_SA"], "K8S_SERVICE_ACCOUNT='Lapflow_SA': expected a Kubernetes"),
     ],
 )
 def test_bad_values_give_clear_errors(tmp_path, script, args, message):
@@ -938,7 +949,8 @@ def test_shellcheck_passes(shellcheck_run):
 def test_cache_latents_runs_on_every_worker_into_a_bucket(tmp_path):
     proc = run_script(
         "cache_latents.sh", "--dry-run", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=lapflow-v5p",
-        "CONFIG=configs/imagenet256_b2_lapflow.py", "LATENTS_DIR=gs://my-bucket/latents/imagenet256",
+        "ACCELERATOR_TYPE=v5p-32", "CONFIG=configs/imagenet256_b2_lapflow.py",
+        "LATENTS_DIR=gs://my-bucket/latents/imagenet256",
         "--", "--config.latent.autoencoder=gs://my-bucket/autoencoders/sd-vae-ft-ema", tmp_path=tmp_path, check=0,
     )  # fmt: skip
     assert lines(proc.stdout) == [
@@ -950,9 +962,32 @@ def test_cache_latents_runs_on_every_worker_into_a_bucket(tmp_path):
     ]
     # A relative cache would live inside the code directory that setup_workers.sh replaces.
     bad = run_script("cache_latents.sh", "--dry-run", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
-                     "CONFIG=configs/imagenet256_b2_lapflow.py", "LATENTS_DIR=latents/imagenet256",
-                     tmp_path=tmp_path, check=1)
+                     "ACCELERATOR_TYPE=v5p-8", "CONFIG=configs/imagenet256_b2_lapflow.py",
+                     "LATENTS_DIR=latents/imagenet256", tmp_path=tmp_path, check=1)
     assert "which setup_workers.sh replaces" in bad.stderr and bad.stdout == ""
+
+
+@pytest.mark.parametrize("accelerator, args, refused", [
+    ("v5p-32", ["LATENTS_DIR=/mnt/disk/latents"], "LATENTS_DIR='/mnt/disk/latents' is a local path"),
+    ("v5p-32", ["LATENTS_DIR=gs://b/l", "--", "--config.data.latents_dir=/mnt/l"],
+     "--config.data.latents_dir='/mnt/l' is a local path"),  # the override after -- is what runs
+    ("v5p-32", [], "LATENTS_DIR is empty, so config.data.latents_dir is the config's own"),
+    ("v5litepod-16", ["NUM_WORKERS=1", "LATENTS_DIR=/mnt/disk/latents"], ""),  # one worker: its disk is it
+    ("v5p-8", ["LATENTS_DIR=/mnt/disk/latents"], ""),  # a single-host slice
+    ("v5p-32", ["LATENTS_DIR=/mnt/filestore/latents", "LATENTS_DIR_SHARED=1"], ""),  # mounted on all
+    ("v5p-32", ["LATENTS_DIR=/mnt/l", "--", "--config.data.latents_dir=gs://b/l"], ""),
+])  # fmt: skip
+def test_cache_latents_refuses_a_local_folder_on_several_workers(tmp_path, accelerator, args, refused):
+    """Each worker would write only its own shards to its own disk; training would wait forever."""
+    proc = run_script("cache_latents.sh", "--dry-run", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
+                      f"ACCELERATOR_TYPE={accelerator}", "CONFIG=configs/imagenet256_b2_lapflow.py", *args,
+                      tmp_path=tmp_path, check=1 if refused else 0)
+    if refused:
+        assert refused in proc.stderr and proc.stdout == "", proc.stderr
+        assert "on t's 4 workers each would write only its own shards" in proc.stderr
+        assert "Set LATENTS_DIR=gs://BUCKET/latents/NAME" in proc.stderr
+    else:
+        assert "tpu-vm ssh t --worker=all" in proc.stdout
 
 
 def test_cache_latents_retries_a_failed_attempt_with_backoff(tmp_path):
@@ -964,13 +999,15 @@ def test_cache_latents_retries_a_failed_attempt_with_backoff(tmp_path):
     fake.write_text(f"#!/bin/bash\necho \"$*\" >> {calls}\n[[ $(wc -l < {calls}) -ge 3 ]]\n")
     fake.chmod(0o755)
     proc = run_script("cache_latents.sh", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
-                      "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0", path_prefix=bin_dir,
+                      "ACCELERATOR_TYPE=v5p-8", "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0",
+                      path_prefix=bin_dir,
                       tmp_path=tmp_path, check=0)
     assert len(calls.read_text().splitlines()) == 3
     assert proc.stderr.count("retrying in 0s") == 2 and "finished on every worker" in proc.stderr
     calls.unlink()
     give_up = run_script("cache_latents.sh", f"PROJECT={PROJECT}", f"ZONE={ZONE}", "TPU_NAME=t",
-                         "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0", "MAX_RETRIES=1",
+                         "ACCELERATOR_TYPE=v5p-8", "CONFIG=configs/imagenet256_b2_lapflow.py", "BACKOFF_SECONDS=0",
+                         "MAX_RETRIES=1",
                          path_prefix=bin_dir, tmp_path=tmp_path, check=1)
     assert len(calls.read_text().splitlines()) == 2 and "failed 2 time(s)" in give_up.stderr
 

@@ -23,6 +23,7 @@ import pytest
 import demo_run
 import fake_pod
 from gcs_emulator import running_emulator
+import rehearse
 from rehearse import make_image_folder
 from test_multihost import OVERRIDES
 
@@ -99,6 +100,23 @@ def test_preempted_slice_is_recreated_set_up_and_resumes_exactly(tmp_path):
         assert [resumed[s] for s in range(1, STEPS + 1)] == [straight[s] for s in range(1, STEPS + 1)]
 
 
+def test_cache_latents_refuses_each_workers_own_disk_on_the_pod(tmp_path):
+    """launch/cache_latents.sh on the 2-worker slice with LATENTS_DIR on the workers' own disks (the
+    rehearsal's --break_step=local-latents): refused before any worker runs, naming the field."""
+    with running_emulator() as gcs:
+        env = pod_env(tmp_path, gcs)
+        launch("create_tpu.sh", env, "--spot")
+        proc = subprocess.run(["bash", str(REPO / "launch" / "cache_latents.sh"), f"CONFIG={rehearse.CONFIG}",
+                               "LATENTS_DIR=/local-disk/latents/imagenet256"], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert ("LATENTS_DIR='/local-disk/latents/imagenet256' is a local path: on lapflow-v5p's 2 workers each would"
+                " write only its own shards") in proc.stderr
+        assert "Set LATENTS_DIR=gs://BUCKET/latents/NAME" in proc.stderr
+        assert [c[2:4] for c in fake_pod.calls(tmp_path / "pod") if c[2:4] == ["tpu-vm", "ssh"]] == []
+        assert not list((tmp_path / "pod" / "workers").glob("*/local-disk"))
+
+
 def test_prepare_data_puts_an_image_folder_in_the_bucket(tmp_path):
     """launch/prepare_data.sh SOURCE=image_folder: built locally, copied to the bucket with gcloud
     storage cp, and the printed tfds name reads back from the bucket."""
@@ -125,14 +143,21 @@ def test_rehearsal_of_the_imagenet_latent_sequence(tmp_path):
     """tests/rehearse.py: docs/cloud_tpu.md's ImageNet-latent sequence on the simulated pod (data
     to the bucket, latents cached by both hosts into it, training preempted and resumed by
     train.sh). `python tests/rehearse.py --break_step=local-latents` is the same walk with the
-    latent cache written to each worker's disk instead: it fails (see the report in the commit)."""
-    import rehearse
-
+    latent cache written to each worker's disk instead: cache_latents.sh refuses it (the test above)."""
     summary = rehearse.rehearse(tmp_path)
     print(f"rehearsal: {summary['seconds']:.0f} s, preempted at step {summary['preempted_at']}, commands:\n"
           + "\n".join(summary["commands"]))
     assert [c.split()[0] for c in summary["commands"]] == [
-        "gcloud", "launch/create_tpu.sh", "launch/setup_workers.sh", "launch/prepare_data.sh",
+        "gcloud", "gcloud", "launch/create_tpu.sh", "launch/setup_workers.sh", "launch/prepare_data.sh",
         "launch/cache_latents.sh", "launch/train.sh", "gcloud", "launch/train.sh", "gcloud", "gcloud",
         "launch/train.sh", "gcloud", "gcloud"]
     assert 1 <= summary["preempted_at"] < rehearse.STEPS
+
+
+@pytest.mark.slow
+def test_rehearsal_fails_when_the_latent_cache_is_on_each_workers_disk(tmp_path):
+    """The deliberate break: `python tests/rehearse.py --break_step=local-latents` stops at
+    cache_latents.sh (the documented command refuses it), before any worker encodes."""
+    with pytest.raises(rehearse.RehearsalFailed, match=r"(?s)step failed: launch/cache_latents\.sh .*"
+                       r"LATENTS_DIR='/local-disk/latents/imagenet256' is a local path"):
+        rehearse.rehearse(tmp_path, break_step="local-latents")

@@ -363,3 +363,11 @@ def test_weight_files_and_folders_load_from_gs(gcs, tmp_path, monkeypatch):
     assert (folder / "params" / "d" / "x").read_bytes() == b"array bytes" and (folder / "config.json").is_file()
     with pytest.raises(FileNotFoundError, match="no weight file at 'gs://"):
         inception.load_fid_inception(gcs.gs("weights/missing.pth"))
+    # The eval's check of config.eval.inception_weights says how the file gets to the bucket.
+    import ml_collections
+    from lapflow_jax.evaluation import networks
+
+    missing_file = gcs.gs("weights/pt_inception-2015-12-05-6726825d.pth")
+    with pytest.raises(FileNotFoundError) as missing:
+        networks.inception_weights_path(ml_collections.ConfigDict({"inception_weights": missing_file}))
+    assert f"gcloud storage cp pt_inception-2015-12-05-6726825d.pth {gcs.gs('weights')}/" in str(missing.value)

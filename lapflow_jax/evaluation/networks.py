@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
+from lapflow_jax import storage
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 # metric -> (network, output); swd reads images, not features.
@@ -119,8 +121,11 @@ def inception_weights_path(eval_config) -> str:
             "metrics from config.eval.metrics.")
     path = cli.resolve_path(eval_config.inception_weights)
     if not epath.Path(path).exists():
+        # On a bucket: say how the file gets there (every host reads it from there; docs/cloud_tpu.md).
+        put = (f" and copy it there: gcloud storage cp {FID_WEIGHTS_URL.rsplit('/', 1)[-1]} {path.rsplit('/', 1)[0]}/"
+               if storage.is_remote(path) else "")
         raise FileNotFoundError(
-            f"config.eval.inception_weights={path!r}: no such file; download it once from {FID_WEIGHTS_URL}, "
+            f"config.eval.inception_weights={path!r}: no such file; download it once from {FID_WEIGHTS_URL}{put}, "
             "or drop the Inception metrics from config.eval.metrics.")
     return path
 
