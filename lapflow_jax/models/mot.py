@@ -25,6 +25,7 @@ convert parameters between the two layouts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -152,28 +153,38 @@ def unpatchify(tokens: jax.Array, patch: int, h: int, w: int, c: int) -> jax.Arr
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
-def by_scale(stage_items: Sequence[Sequence[tuple[jax.Array, ...]]], firsts: Sequence[int], num_scales: int,
-             fn: Callable[..., tuple[jax.Array, ...]]) -> list[list[tuple[jax.Array, ...]]]:
-    """Applies a per-scale function once per scale to the rows of every stage that has the scale.
+@dataclasses.dataclass(frozen=True)
+class StageRows:
+    """Which rows a scale's token array holds when several training stages run in one pass.
 
-    stage_items: per stage, per active scale (finest first, from firsts[stage]), a tuple of arrays
-    whose leading axis is the stage's rows. For each scale k the tuples of all stages containing k
-    are joined row-wise (paths.join_stages), fn(k, *joined) is called once, and its outputs are
-    split back. One call per scale, not per (stage, scale): each of scale k's weights then meets
-    one matmul per step, so its gradient is one sum over all rows (under FSDP or data parallelism,
-    one reduction instead of one per stage). Returns fn's outputs per stage, per active scale."""
-    out = [[None] * len(items) for items in stage_items]
-    for k in range(num_scales):
-        members = [i for i, first in enumerate(firsts) if first <= k]
-        if not members:
-            continue
-        parts = [stage_items[i][k - firsts[i]] for i in members]
-        sizes = [part[0].shape[0] for part in parts]
-        joined = [paths.join_stages([part[j] for part in parts]) for j in range(len(parts[0]))]
-        split = [paths.split_stages(result, sizes) for result in fn(k, *joined)]
-        for m, i in enumerate(members):
-            out[i][k - firsts[i]] = tuple(rows[m] for rows in split)
-    return out
+    Stage i (firsts[i] its finest scale, sizes[i] its rows) has scales firsts[i]..L-1. Inside the
+    model, scale k's tokens are one array: the rows of every stage that has scale k, joined with
+    `paths.join_stages` (interleaved, so the join stays on each data device). Every per-scale
+    layer then runs once per scale, and each weight's gradient is one sum over all rows: one
+    reduction per weight under data parallelism or FSDP, not one per (stage, scale). Only
+    attention, where a stage's tokens see only their own sample's scales, splits the rows by stage.
+    """
+
+    firsts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    num_scales: int
+
+    @property
+    def scales(self) -> range:
+        return range(min(self.firsts), self.num_scales)
+
+    def members(self, k: int) -> list[int]:
+        """The stages that have scale k."""
+        return [i for i, first in enumerate(self.firsts) if first <= k]
+
+    def join(self, k: int, by_stage) -> jax.Array:
+        """by_stage[i]: stage i's rows of scale k (a list or dict over stages) -> scale k's array."""
+        return paths.join_stages([by_stage[i] for i in self.members(k)])
+
+    def split(self, k: int, x: jax.Array) -> dict[int, jax.Array]:
+        """Scale k's array -> {stage: its rows}."""
+        members = self.members(k)
+        return dict(zip(members, paths.split_stages(x, [self.sizes[i] for i in members])))
 
 
 class MoTBlock(nnx.Module):
@@ -194,14 +205,13 @@ class MoTBlock(nnx.Module):
 
     def __call__(self, xs: Sequence[jax.Array], cond: jax.Array, first_scale: int) -> list[jax.Array]:
         """xs: per active scale (finest first, scales first_scale..L-1), [B, N_k, D]; cond [B, D]."""
-        return self.stages([xs], [cond], [first_scale])[0]
+        num_scales = first_scale + len(xs)
+        return self.over_rows(list(xs), [cond] * len(xs), StageRows((first_scale,), (cond.shape[0],), num_scales))
 
-    def stages(self, stage_xs: Sequence[Sequence[jax.Array]], conds: Sequence[jax.Array], firsts: Sequence[int]
-               ) -> list[list[jax.Array]]:
-        """Several stages' tokens through the block: per stage `__call__`'s xs, cond and first scale.
-        The per-scale layers run once per scale over all stages' rows (`by_scale`); attention runs
-        per stage, since a stage's tokens see only their own sample's scales."""
-        num_scales = self.adaln.kernel.shape[0]
+    def over_rows(self, xs: Sequence[jax.Array], conds: Sequence[jax.Array], rows: StageRows) -> list[jax.Array]:
+        """The block over several stages at once. xs[j], conds[j]: scale rows.scales[j]'s tokens
+        [B_k, N_k, D] and conditioning [B_k, D], every stage that has the scale joined (`StageRows`).
+        The per-scale layers run on the joined rows; attention per stage. Returns xs' layout."""
 
         def project(k, x, cond):
             x = parallel.constrain(x, TOKENS)
@@ -213,13 +223,19 @@ class MoTBlock(nnx.Module):
             # holds whole heads' q, k and v, so column-parallel QKV over 'model' gives each device
             # its own heads with no resharding (Megatron).
             qkv = qkv.reshape(b, n, self.num_heads, 3, -1)
-            return tuple(parallel.constrain(qkv[:, :, :, i], HEADS) for i in range(3)) + (mod,)
+            return [parallel.constrain(qkv[:, :, :, i], HEADS) for i in range(3)], mod
 
-        projected = by_scale([[(x, cond) for x in xs] for xs, cond in zip(stage_xs, conds)], firsts, num_scales,
-                             project)
-        attended = [attention.multiscale_attention([p[0] for p in stage], [p[1] for p in stage],
-                                                   [p[2] for p in stage], backend=self.attention_backend,
-                                                   mask=self.attention_mask) for stage in projected]
+        scales = rows.scales
+        projected = [project(k, x, cond) for k, x, cond in zip(scales, xs, conds)]
+        qkv_by_stage = [[rows.split(k, a) for a in qkv] for k, (qkv, _) in zip(scales, projected)]
+        attended = {k: {} for k in scales}
+        for i, first in enumerate(rows.firsts):
+            own = [qkv_by_stage[k - scales.start] for k in range(first, rows.num_scales)]
+            outputs = attention.multiscale_attention([q[i] for q, _, _ in own], [kk[i] for _, kk, _ in own],
+                                                     [v[i] for _, _, v in own], backend=self.attention_backend,
+                                                     mask=self.attention_mask)
+            for k, o in zip(range(first, rows.num_scales), outputs):
+                attended[k][i] = o
 
         def mix(k, x, o, mod):
             b, n = o.shape[:2]
@@ -229,11 +245,9 @@ class MoTBlock(nnx.Module):
             h = _modulate(_layer_norm(x), mod[3], mod[4])
             h = parallel.constrain(jax.nn.gelu(self.mlp_in(h, k), approximate=True), HIDDEN)
             h = self.mlp_out(h, k)
-            return (parallel.constrain(x + mod[5][:, None] * h, TOKENS),)
+            return parallel.constrain(x + mod[5][:, None] * h, TOKENS)
 
-        mixed = by_scale([[(x, o, p[3]) for x, o, p in zip(xs, att, proj)]
-                          for xs, att, proj in zip(stage_xs, attended, projected)], firsts, num_scales, mix)
-        return [[out for (out,) in stage] for stage in mixed]
+        return [mix(k, x, rows.join(k, attended[k]), mod) for k, x, (_, mod) in zip(scales, xs, projected)]
 
 
 class MoT(nnx.Module):
@@ -334,24 +348,20 @@ class MoT(nnx.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def _run_blocks(self, stages: list[tuple[list[jax.Array], jax.Array, int]]) -> list[list[jax.Array]]:
-        """All blocks over every stage's tokens, under the remat policy, unrolled or as one scan.
-
-        stages: per stage (tokens of its active scales, cond [b, D], first active scale). Each
-        layer is applied to every stage before the next layer, so a layer's weights are read, and
-        under FSDP gathered, once per pass rather than once per stage."""
+    def _run_blocks(self, tokens: list[jax.Array], conds: list[jax.Array], rows: StageRows) -> list[jax.Array]:
+        """All blocks, under the remat policy, unrolled or as one scan, over the tokens of every
+        scale in `rows.scales` (each [B_k, N_k, D], the stages' rows joined) with their
+        conditioning [B_k, D]. One layer call per scale per layer: its weights are read, under FSDP
+        gathered, and their gradients reduced once per pass."""
         policy = REMAT_POLICIES[self.remat]
-        firsts = [first for _, _, first in stages]
 
         def apply(graphdef, layer_state, toks, conds):
-            return nnx.merge(graphdef, layer_state).stages(toks, conds, firsts)
+            return nnx.merge(graphdef, layer_state).over_rows(toks, conds, rows)
 
         if self.remat != "none":
             # prevent_cse=False inside scan (the loop already keeps XLA from merging the
             # recomputation into the forward pass); True when unrolled.
             apply = jax.checkpoint(apply, policy=policy, prevent_cse=not self.scan_layers, static_argnums=(0,))
-        tokens = [toks for toks, _, _ in stages]
-        conds = [cond for _, cond, _ in stages]
         if self.scan_layers:
             graphdef, state = nnx.split(self.blocks)
             tokens, _ = jax.lax.scan(lambda toks, layer: (apply(graphdef, layer, toks, conds), None),
@@ -359,7 +369,7 @@ class MoT(nnx.Module):
             return tokens
         for block in self.blocks:
             if self.remat == "none":
-                tokens = block.stages(tokens, conds, firsts)
+                tokens = block.over_rows(tokens, conds, rows)
             else:
                 graphdef, state = nnx.split(block)
                 tokens = apply(graphdef, state, tokens, conds)
@@ -404,20 +414,22 @@ class MoT(nnx.Module):
 
         inputs: per stage (states, t, labels) as `__call__` takes them; stages may differ in
         batch size and in the scales present. Every layer meets all stages' rows in one call
-        (per scale, `by_scale`; the conditioning over all rows at once), so each weight is read,
+        (per scale over every stage's rows, `StageRows`), so each weight is read,
         under FSDP gathered, and its gradient reduced once per step rather than once per stage.
         Returns per stage its velocities, finest first."""
-        firsts = [self._first_scale(states) for states, _, _ in inputs]
-        sizes = [t.shape[0] for _, t, _ in inputs]
+        rows = StageRows(tuple(self._first_scale(states) for states, _, _ in inputs),
+                         tuple(t.shape[0] for _, t, _ in inputs), self.num_scales)
+        every = range(len(inputs))
         labels = None if inputs[0][2] is None else paths.join_stages([labels for _, _, labels in inputs])
-        conds = paths.split_stages(self._condition(paths.join_stages([t for _, t, _ in inputs]), labels), sizes)
-        embedded = by_scale([[(x,) for x in states] for states, _, _ in inputs], firsts, self.num_scales,
-                            lambda k, x: (self._embed_scale(x, k),))
-        tokens = self._run_blocks([([h for (h,) in stage], cond, first)
-                                   for stage, cond, first in zip(embedded, conds, firsts)])
-        outputs = by_scale([[(h, cond) for h in toks] for toks, cond in zip(tokens, conds)], firsts,
-                           self.num_scales, lambda k, h, cond: (self._head_scale(h, cond, k),))
-        return [[v for (v,) in stage] for stage in outputs]
+        cond = self._condition(paths.join_stages([t for _, t, _ in inputs]), labels)
+        cond_by_stage = dict(zip(every, paths.split_stages(cond, rows.sizes)))
+        # The coarsest scale has every stage, so its rows are `cond`'s own.
+        conds = [cond if rows.members(k) == list(every) else rows.join(k, cond_by_stage) for k in rows.scales]
+        states = [rows.join(k, {i: inputs[i][0][k - rows.firsts[i]] for i in rows.members(k)}) for k in rows.scales]
+        tokens = self._run_blocks([self._embed_scale(x, k) for k, x in zip(rows.scales, states)], conds, rows)
+        outputs = [rows.split(k, self._head_scale(h, c, k)) for k, h, c in zip(rows.scales, tokens, conds)]
+        return [[outputs[k - rows.scales.start][i] for k in range(first, self.num_scales)]
+                for i, first in enumerate(rows.firsts)]
 
     def __call__(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None = None) -> list[jax.Array]:
         """Velocities of the active scales.
