@@ -8,7 +8,8 @@ to 32x32; its workdir holds checkpoints/ and config.json). Test images are area-
 upsampled k times by every sampler (inversion / replacement, with and without the per-step
 projection P), null class, no guidance, the model's Heun grid; against bicubic and bicubic
 projected to exact consistency. Reports PSNR of the mean of k, single-sample PSNR, calibration
-((MSE of the mean - var / k) / var: 1 when the spread of the samples matches their error),
+((MSE of the mean - var / k) / var: 1 when the spread of the samples matches their error; also
+before the projection into the pixel range, which narrows the samples more than it moves their mean),
 per-pixel std across samples, max |Down(output) - input| (in float, and in uint8 levels of the
 images the judges see) and seconds per image; and the Frechet
 distance (FD) to the 10,000 test images with two judges: the quality study's own Fashion-MNIST CNN
@@ -172,7 +173,7 @@ def main():
             results[label] = json.loads((cache / f"{label}.json").read_text())
             print(label, "(cached)", json.dumps(results[label]), flush=True)
             continue
-        outs, times = [], []
+        outs, plain, times = [], [], []
         for i in range(0, args.num_images, args.batch):
             start = time.perf_counter()
             samples, _, res = upsample.upsample_batch(config, setup.graphdef, params, sigmas, low[i:i + args.batch],
@@ -180,14 +181,23 @@ def main():
                                                       first_index=i, m=m, labels=null[:len(low[i:i + args.batch])])
             times.append(time.perf_counter() - start)
             outs.append(samples)
-        s = np.concatenate(outs)  # [N, k, H, W, C]
+            plain.append(np.asarray(res.images).reshape(samples.shape))
+        s = np.concatenate(outs)  # [N, k, H, W, C], projected within the pixel range (what is written)
+
+        def calibration(samples):
+            var = samples.var(1, ddof=1).mean()
+            return float((np.mean((samples.mean(1) - x) ** 2) - var / args.k) / var), float(np.sqrt(var))
+
         mean = s.mean(1)
-        var = s.var(1, ddof=1).mean()
-        mse_mean = np.mean((mean - x) ** 2)
+        cal, std = calibration(s)
+        # The sampler's own spread, before the pixel-range projection (a contraction onto the feasible
+        # set, which narrows the samples more than it moves their mean).
+        cal_plain, std_plain = calibration(np.concatenate(plain))
         results[label] = {
             "psnr_mean_of_k": psnr(mean, x),
             "psnr_single": float(np.mean([psnr(s[:, j], x) for j in range(args.k)])),
-            "calibration": float((mse_mean - var / args.k) / var), "pixel_std": float(np.sqrt(var)),
+            "calibration": cal, "pixel_std": std,
+            "calibration_before_box": cal_plain, "pixel_std_before_box": std_plain,
             "consistency": conditional.consistency_error(s.reshape((-1,) + s.shape[2:]), np.repeat(low, args.k, 0),
                                                          constraint),
             "seconds_per_image": float(np.mean(times[1:] or times)) / args.batch,
