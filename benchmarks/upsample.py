@@ -140,7 +140,7 @@ def main():
     setup, step, params, sigmas = sample_lib.restore_for_sampling(config, args.workdir)
     images, labels = test_images(args.num_images)
     x = sample_lib.from_uint8(images)
-    m = config.num_scales - 1 if args.name == "4x" else 1
+    m = config.num_scales - 1 if args.name.startswith("4x") else 1  # --name 4x...: from the coarsest scale
     constraint = conditional.Constraint(config.num_scales, m, tuple(float(s) for s in sigmas), config.pyramid.down,
                                         config.pyramid.up)
     low = np.asarray(constraint.down_m(jnp.asarray(x)))
