@@ -8,8 +8,10 @@ to 32x32; its workdir holds checkpoints/ and config.json). Test images are area-
 upsampled k times by every sampler (inversion / replacement, with and without the per-step
 projection P), null class, no guidance, the model's Heun grid; against bicubic and bicubic
 projected to exact consistency. Reports PSNR of the mean of k, single-sample PSNR, calibration
-((MSE of the mean - var / k) / var: 1 when the spread of the samples matches their error),
-per-pixel std across samples, max |Down(output) - input| and seconds per image; and the Frechet
+((MSE of the mean - var / k) / var: 1 when the spread of the samples matches their error; also
+before the projection into the pixel range, which narrows the samples more than it moves their mean),
+per-pixel std across samples, max |Down(output) - input| (in float, and in uint8 levels of the
+images the judges see) and seconds per image; and the Frechet
 distance (FD) to the 10,000 test images with two judges: the quality study's own Fashion-MNIST CNN
 (benchmarks/quality.py's Judge, retrained here the same way) and the eval mode's EfficientNet-Lite0
 features (packaged ImageNet weights; --efficientnet_reference test images, the slow part on a
@@ -121,6 +123,7 @@ def main():
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--method", default="heun", help="the solver (config.sample.method): euler, heun, dopri5")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--cache", default="/tmp/lapflow_upsample_cache",
                         help="each sampler's outputs and the judges' reference statistics (a rerun resumes)")
@@ -132,25 +135,30 @@ def main():
                         help="comma-separated subset of the four samplers to run")
     args = parser.parse_args()
     config = load_config(args.workdir)
-    config.sample.steps = args.steps
+    config.sample.steps, config.sample.method = args.steps, args.method
     config.upsample.samples_per_image = args.k
     setup, step, params, sigmas = sample_lib.restore_for_sampling(config, args.workdir)
     images, labels = test_images(args.num_images)
     x = sample_lib.from_uint8(images)
-    m = config.num_scales - 1 if args.name == "4x" else 1
+    m = config.num_scales - 1 if args.name.startswith("4x") else 1  # --name 4x...: from the coarsest scale
     constraint = conditional.Constraint(config.num_scales, m, tuple(float(s) for s in sigmas), config.pyramid.down,
                                         config.pyramid.up)
     low = np.asarray(constraint.down_m(jnp.asarray(x)))
     factor = 2 ** m
     bic = conditional.bicubic(low, factor)
-    bic_p = np.asarray(constraint.project(jnp.asarray(bic), jnp.asarray(low)))
+    # Projected like the samples: the nearest consistent image within the pixel range, rounded to
+    # uint8 block by block (conditional.project_box, to_uint8_consistent).
+    bic_p = np.asarray(conditional.project_box(constraint.project(jnp.asarray(bic), jnp.asarray(low)), low, constraint))
+    to_u8 = lambda images: conditional.to_uint8_consistent(images, low[:len(images)], constraint)
     results = {"model": str(args.workdir), "step": step, "num_images": args.num_images, "k": args.k,
                "factor": factor, "steps": args.steps, "method": config.sample.method,
                "bicubic": {"psnr": psnr(bic, x)}, "bicubic_projected": {"psnr": psnr(bic_p, x),
-               "consistency": conditional.consistency_error(bic_p, low, constraint)}}
+               "consistency": conditional.consistency_error(bic_p, low, constraint),
+               "consistency_uint8_levels": conditional.uint8_consistency_levels(to_u8(bic_p), low, constraint)}}
     kept = {"inputs": sample_lib.to_uint8(low), "bicubic": sample_lib.to_uint8(bic)}
     null = np.full((args.batch,), setup.num_classes, np.int32)
-    cache = Path(args.cache) / f"{args.name}_{Path(args.workdir).name}_step{step}_n{args.num_images}_k{args.k}_s{args.steps}"
+    solver = "" if args.method == "heun" else f"_{args.method}"
+    cache = Path(args.cache) / f"{args.name}_{Path(args.workdir).name}_step{step}_n{args.num_images}_k{args.k}_s{args.steps}{solver}_box"
     cache.mkdir(parents=True, exist_ok=True)
     first_samples = {}  # label -> uint8 [N, H, W, C], one output per input (for FD)
     for sampler, proj in (("inversion", False), ("inversion", True), ("replacement", False), ("replacement", True)):
@@ -165,7 +173,7 @@ def main():
             results[label] = json.loads((cache / f"{label}.json").read_text())
             print(label, "(cached)", json.dumps(results[label]), flush=True)
             continue
-        outs, times = [], []
+        outs, plain, times = [], [], []
         for i in range(0, args.num_images, args.batch):
             start = time.perf_counter()
             samples, _, res = upsample.upsample_batch(config, setup.graphdef, params, sigmas, low[i:i + args.batch],
@@ -173,20 +181,31 @@ def main():
                                                       first_index=i, m=m, labels=null[:len(low[i:i + args.batch])])
             times.append(time.perf_counter() - start)
             outs.append(samples)
-        s = np.concatenate(outs)  # [N, k, H, W, C]
+            plain.append(np.asarray(res.images).reshape(samples.shape))
+        s = np.concatenate(outs)  # [N, k, H, W, C], projected within the pixel range (what is written)
+
+        def calibration(samples):
+            var = samples.var(1, ddof=1).mean()
+            return float((np.mean((samples.mean(1) - x) ** 2) - var / args.k) / var), float(np.sqrt(var))
+
         mean = s.mean(1)
-        var = s.var(1, ddof=1).mean()
-        mse_mean = np.mean((mean - x) ** 2)
+        cal, std = calibration(s)
+        # The sampler's own spread, before the pixel-range projection (a contraction onto the feasible
+        # set, which narrows the samples more than it moves their mean).
+        cal_plain, std_plain = calibration(np.concatenate(plain))
         results[label] = {
             "psnr_mean_of_k": psnr(mean, x),
             "psnr_single": float(np.mean([psnr(s[:, j], x) for j in range(args.k)])),
-            "calibration": float((mse_mean - var / args.k) / var), "pixel_std": float(np.sqrt(var)),
+            "calibration": cal, "pixel_std": std,
+            "calibration_before_box": cal_plain, "pixel_std_before_box": std_plain,
             "consistency": conditional.consistency_error(s.reshape((-1,) + s.shape[2:]), np.repeat(low, args.k, 0),
                                                          constraint),
             "seconds_per_image": float(np.mean(times[1:] or times)) / args.batch,
             "nfe_inversion": list(res.nfe_inversion), "nfe_forward": list(res.nfe_forward)}
-        kept[label] = sample_lib.to_uint8(s[:16])
-        first_samples[label] = sample_lib.to_uint8(s[:, 0])
+        kept[label] = np.stack([to_u8(s[:16, j]) for j in range(args.k)], 1)
+        first_samples[label] = to_u8(s[:, 0])
+        results[label]["consistency_uint8_levels"] = conditional.uint8_consistency_levels(
+            np.concatenate([to_u8(s[:, j]) for j in range(args.k)]), np.tile(low, (args.k, 1, 1, 1)), constraint)
         np.savez(cache / f"{label}.npz", kept=kept[label], first=first_samples[label])
         (cache / f"{label}.json").write_text(json.dumps(results[label]))
         print(label, json.dumps(results[label]), flush=True)
@@ -206,7 +225,7 @@ def main():
                              "classifier_floor_num_real": judges.study.floor["num_real"],
                              "efficientnet_reference": args.efficientnet_reference}
         rows = {"real": sample_lib.to_uint8(x), "bicubic": sample_lib.to_uint8(bic),
-                "bicubic_projected": sample_lib.to_uint8(bic_p), **first_samples, "unconditional": uncond}
+                "bicubic_projected": to_u8(bic_p), **first_samples, "unconditional": uncond}
         for label, images in rows.items():
             results.setdefault(label, {}).update(judges.fd(images))
             print(label, "FD", {k: round(v, 3) for k, v in results[label].items() if k.startswith("fd")}, flush=True)

@@ -126,6 +126,103 @@ def _project(x, low, *, unknown, down):
     return x
 
 
+def project_box(x: jax.Array, low: jax.Array, constraint: Constraint, lo: float = -1.0, hi: float = 1.0) -> jax.Array:
+    """The nearest image to x with Down^m(image) = low *and* lo <= image <= hi (the pixel range).
+
+    Constraint.project alone can leave pixels outside [lo, hi]; clipping them afterwards (as any
+    image file does) breaks the consistency where it bites (a black input block keeps its sample's
+    noise above black). Area down: the constraint is one equation per 2^m x 2^m block, so each block
+    is solved alone and exactly: z = clip(x + lambda, lo, hi) with the shift lambda such that the
+    block's mean is low (the KKT conditions of the box-constrained projection; lambda by bisection,
+    then one Newton step on the unclipped pixels for float rounding). Needs lo <= low <= hi (true
+    of any input read from an image). Binomial down: alternating clip and Constraint.project
+    (`_BOX_PASSES` times, ending on the projection): consistent to float rounding, in the box to
+    what the alternation reaches, not the exact nearest point.
+
+    Args: x [B, H, W, C]; low [B, H/2^m, W/2^m, C].  Returns [B, H, W, C].
+    """
+    return _project_box(jnp.asarray(x), jnp.asarray(low), unknown=constraint.unknown, down=constraint.down,
+                        lo=float(lo), hi=float(hi))
+
+
+_BOX_PASSES = 30
+
+
+@functools.partial(jax.jit, static_argnames=("unknown", "down", "lo", "hi"))
+def _project_box(x, low, *, unknown, down, lo, hi):
+    if down != "area":
+        for _ in range(_BOX_PASSES):
+            x = _project(jnp.clip(x, lo, hi), low, unknown=unknown, down=down)
+        return x
+    f = 2 ** unknown
+    b, h, w, c = low.shape
+    blocks = x.reshape(b, h, f, w, f, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, h, w, c, f * f)
+    g = low[..., None]
+    mean = lambda shift: jnp.mean(jnp.clip(blocks + shift, lo, hi), axis=-1, keepdims=True)
+    # mean(shift) is continuous and non-decreasing; it is lo at shift_lo and hi at shift_hi.
+    shift_lo = lo - jnp.max(blocks, axis=-1, keepdims=True)
+    shift_hi = hi - jnp.min(blocks, axis=-1, keepdims=True)
+
+    def bisect(_, bounds):
+        a, z = bounds
+        mid = 0.5 * (a + z)
+        below = mean(mid) < g
+        return jnp.where(below, mid, a), jnp.where(below, z, mid)
+
+    a, z = jax.lax.fori_loop(0, 60, bisect, (shift_lo, shift_hi))
+    out = jnp.clip(blocks + 0.5 * (a + z), lo, hi)
+    free = (out > lo) & (out < hi)
+    n_free = jnp.sum(free, axis=-1, keepdims=True)
+    correction = (g - jnp.mean(out, axis=-1, keepdims=True)) * (f * f) / jnp.maximum(n_free, 1)
+    out = jnp.where(free, jnp.clip(out + correction, lo, hi), out)
+    return out.reshape(b, h, w, c, f, f).transpose(0, 1, 4, 2, 5, 3).reshape(x.shape)
+
+
+def to_uint8_consistent(images: np.ndarray, low: np.ndarray, constraint: Constraint) -> np.ndarray:
+    """Images in [-1, 1] (consistent, e.g. from project_box) -> uint8 whose Down^m is the input.
+
+    Area down: each 2^m x 2^m block's sum of levels is rounded to the integer nearest to 4^m times the
+    input's level, and the block is rounded to it (floor every pixel, then one level up for the
+    pixels with the largest fractional parts): |Down^m(uint8) - low| <= 0.5 / 4^m levels, and 0 for
+    an input that is itself uint8. Other filters: sample.to_uint8 (plain rounding).
+
+    Args: images [B, H, W, C] float; low [B, H/2^m, W/2^m, C] float in [-1, 1].  Returns uint8.
+    """
+    from lapflow_jax import sample as sample_lib
+
+    images = np.asarray(images, np.float64)
+    if constraint.down != "area":
+        return sample_lib.to_uint8(images)
+    f = 2 ** constraint.unknown
+    b, h, w, c = np.shape(low)
+    levels = np.clip((images + 1.0) * 127.5, 0.0, 255.0)
+    blocks = levels.reshape(b, h, f, w, f, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, h, w, c, f * f)
+    floor = np.floor(blocks)
+    target = np.clip(np.rint((np.asarray(low, np.float64) + 1.0) * 127.5 * f * f), 0, 255 * f * f)
+    extra = np.clip(target - floor.sum(-1), 0, f * f).astype(np.int64)  # levels to add in each block
+    order = np.argsort(-(blocks - floor), axis=-1, kind="stable")  # largest fractional part first
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(f * f), axis=-1)
+    out = np.minimum(floor + (rank < extra[..., None]), 255.0)
+    return out.reshape(b, h, w, c, f, f).transpose(0, 1, 4, 2, 5, 3).reshape(images.shape).astype(np.uint8)
+
+
+def uint8_consistency_levels(images: np.ndarray, low: np.ndarray, constraint: Constraint) -> float:
+    """max |Down^m(images) - low| in uint8 levels of uint8 images [B, H, W, C]; low: uint8 (levels, as
+    written next to them) or float in [-1, 1]. Area down: in float64, so an exact match reads 0;
+    other filters: consistency_error in float32."""
+    if np.asarray(low).dtype == np.uint8:
+        levels = np.asarray(low, np.float64)
+    else:
+        levels = (np.asarray(low, np.float64) + 1.0) * 127.5
+    if constraint.down != "area":
+        return consistency_error(np.asarray(images, np.float32) / 127.5 - 1.0, levels / 127.5 - 1.0, constraint) * 127.5
+    f = 2 ** constraint.unknown
+    b, h, w, c = levels.shape
+    down = np.asarray(images, np.float64).reshape(b, h, f, w, f, c).mean((2, 4))
+    return float(np.abs(down - levels).max())
+
+
 def consistency_error(images: jax.Array, low: jax.Array, constraint: Constraint) -> float:
     """max |Down^m(images) - low| (images [B, H, W, C], low [B, h, w, C])."""
     return float(jnp.max(jnp.abs(constraint.down_m(jnp.asarray(images)) - jnp.asarray(low))))

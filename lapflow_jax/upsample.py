@@ -19,7 +19,10 @@ Writes into <workdir>/upsampled/step<step>/:
                   then the k samples;
   upsampled.npz   inputs [N, h, w, C], bicubic [N, H, W, C], samples [N, k, H, W, C] (uint8), and for
                   variations references [N, H, W, C] (the originals, first column of grid.png);
-  summary.json    sampler, NFE, seconds per image, max |Down(output) - input| (before uint8 rounding).
+  summary.json    sampler, NFE, seconds per image, max |Down(output) - input| in float and in uint8
+                  levels of the written files (area down, uint8 input: 0; the outputs are projected
+                  onto the constraint within the pixel range, conditional.project_box, and rounded
+                  block by block, conditional.to_uint8_consistent).
 
 config.upsample.split = "test" (any split of config.data), instead of an input, takes the first
 config.upsample.num_images images of the model's own data, downsampled with its Down by
@@ -177,7 +180,10 @@ def upsample_batch(config: ml_collections.ConfigDict, graphdef, params, sigmas, 
         sampler=cfg.sampler, samples_per_input=k, inversion_args=(params, labels), method=config.sample.method,
         steps=config.sample.steps, rtol=config.sample.rtol, atol=config.sample.atol, project_steps=cfg.project_steps,
         replacement_noise=replacement, reference=reference, t_start=start)
-    images = np.asarray(result.images).reshape((batch, k) + result.images.shape[1:])
+    # The nearest consistent image *in the pixel range* (the sampler's projection ignores the range,
+    # and the clip of any image file would then break the consistency where it bites).
+    images = conditional.project_box(result.images, jnp.repeat(low, k, axis=0), constraint)
+    images = np.asarray(images).reshape((batch, k) + result.images.shape[1:])
     return images, np.asarray(low), result
 
 
@@ -212,7 +218,7 @@ def upsample_to_dir(config: ml_collections.ConfigDict, setup, params: Any, sigma
                  inputs.shape[0], 2 ** m, k, cfg.sampler, "+P" if cfg.project_steps else "", num_batches, out_dir,
                  len(todo))
     progress = metrics_lib.Progress("upsampling", len(todo), items_per_batch=batch)
-    rng, times, errors, nfe = jax.random.key(seed), [], [], None
+    rng, times, errors, errors_u8, nfe = jax.random.key(seed), [], [], [], None
     for done, i in enumerate(todo, 1):
         part = inputs[i * batch:(i + 1) * batch]
         if part.shape[0] < batch:  # one compiled shape: pad the last batch
@@ -223,14 +229,18 @@ def upsample_to_dir(config: ml_collections.ConfigDict, setup, params: Any, sigma
         times.append(time.perf_counter() - start)
         constraint = conditional.Constraint(config.num_scales, m, tuple(float(s) for s in sigmas),
                                             config.pyramid.down, config.pyramid.up)
-        errors.append(conditional.consistency_error(samples.reshape((-1,) + samples.shape[2:]),
-                                                    np.repeat(low, k, 0), constraint))
+        flat_low = np.repeat(low, k, 0)
+        errors.append(conditional.consistency_error(samples.reshape((-1,) + samples.shape[2:]), flat_low, constraint))
+        samples_u8 = conditional.to_uint8_consistent(samples.reshape((-1,) + samples.shape[2:]), flat_low,
+                                                     constraint).reshape(samples.shape)
+        errors_u8.append(conditional.uint8_consistency_levels(samples_u8.reshape((-1,) + samples.shape[2:]),
+                                                              sample_lib.to_uint8(flat_low), constraint))
         nfe = (result.nfe_inversion, result.nfe_forward)
         factor = samples.shape[2] // low.shape[1]
         extra = {"references": part} if cfg.variation_t0 > 0 else {}  # variations: the full-size originals
         npz_lib.write_npz(out_dir / f"batch{i:05d}.npz", inputs=sample_lib.to_uint8(low),
                           bicubic=sample_lib.to_uint8(conditional.bicubic(low, factor)),
-                          samples=sample_lib.to_uint8(samples), **extra)
+                          samples=samples_u8, **extra)
         progress.update(done, **{"max |D out - in|": f"{errors[-1]:.1e}"})
 
     parts = [npz_lib.read_npz(out_dir / f"batch{i:05d}.npz") for i in range(num_batches)]
@@ -251,6 +261,7 @@ def upsample_to_dir(config: ml_collections.ConfigDict, setup, params: Any, sigma
         summary["seconds_first_batch"] = times[0]
         summary["seconds_per_image"] = float(np.mean(times[1:] or times)) / batch
         summary["max_consistency_error"] = float(max(errors))
+        summary["max_consistency_error_uint8_levels"] = float(max(errors_u8))
         summary["nfe_inversion"], summary["nfe_forward"] = list(nfe[0]), list(nfe[1])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logging.info("wrote %d upsampled images (x%d samples) to %s", n, k, out_dir)

@@ -121,6 +121,75 @@ def test_without_the_final_projection_the_output_is_not_consistent(starts, m, do
     assert err > 1e-2, err
 
 
+def box_case(m, down, seed=0):
+    """Images whose projection leaves the pixel range: noisy blocks around black and white inputs
+    (what a sample looks like in Fashion-MNIST's black background), and interior ones."""
+    rng = np.random.default_rng(seed)
+    constraint = conditional.Constraint(3, m, (1.0, 1.0, 1.0), down, down if down == "binomial" else "bilinear")
+    f = 2 ** m
+    low_u8 = rng.choice(np.array([0, 0, 1, 3, 128, 200, 254, 255], np.uint8), (4, 16 // f, 16 // f, 1))
+    low = low_u8.astype(np.float32) / 127.5 - 1.0
+    x = np.repeat(np.repeat(low, f, 1), f, 2) + rng.normal(0, 0.05, (4, 16, 16, 1)).astype(np.float32)
+    return constraint, low_u8, low, x
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_box_projection_is_consistent_in_range_and_nearest(m):
+    """project_box: Down^m(z) = low to float rounding, z in [-1, 1], and z = clip(x + lambda_block)
+    (the KKT conditions of the nearest such point, area down). The plain projection followed by the
+    clip that any image file applies misses the input where the clip bites."""
+    constraint, _, low, x = box_case(m, "area")
+    z = np.asarray(conditional.project_box(x, low, constraint))
+    err = conditional.consistency_error(z, low, constraint)
+    print(f"m={m}: box projection max |D z - low| {err:.2e}, range [{z.min()}, {z.max()}]")
+    assert err <= 1e-5 and z.min() >= -1.0 and z.max() <= 1.0
+    f = 2 ** m
+    blocks = lambda a: a.reshape(4, 16 // f, f, 16 // f, f).transpose(0, 1, 3, 2, 4).reshape(-1, f * f)
+    xb, zb = blocks(x), blocks(z)
+    for xi, zi in zip(xb, zb):
+        free = (zi > -1) & (zi < 1)
+        if free.any():
+            shift = np.median((zi - xi)[free])
+            assert np.allclose((zi - xi)[free], shift, atol=1e-5)
+            assert (xi[zi <= -1] + shift <= -1 + 1e-5).all() and (xi[zi >= 1] + shift >= 1 - 1e-5).all()
+    clipped = np.clip(np.asarray(constraint.project(jnp.asarray(x), jnp.asarray(low))), -1, 1)
+    plain = conditional.consistency_error(clipped, low, constraint)
+    print(f"m={m}: project then clip: max |D out - low| {plain:.2e} ({plain * 127.5:.1f} levels)")
+    assert plain > 1e-2
+
+
+def test_box_projection_binomial_is_consistent_and_nearly_in_range():
+    """Binomial down (alternating clip and projection): consistent, and in range to 1e-2. The input
+    is the Down of an image in range (an arbitrary low-resolution image need not be one: the
+    filters overlap)."""
+    constraint, _, _, truth = box_case(1, "binomial")
+    truth = np.clip(truth, -1, 1)
+    low = np.asarray(constraint.down_m(jnp.asarray(truth)))
+    x = truth + np.random.default_rng(1).normal(0, 0.05, truth.shape).astype(np.float32)
+    z = np.asarray(conditional.project_box(x, low, constraint))
+    err = conditional.consistency_error(z, low, constraint)
+    print(f"binomial: max |D z - low| {err:.2e}, range [{z.min()}, {z.max()}]")
+    assert err <= 1e-5 and z.min() >= -1.0 - 1e-2 and z.max() <= 1.0 + 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_uint8_outputs_downsample_exactly_to_a_uint8_input(m):
+    """Area down, uint8 input: the written uint8 image's 2^m x 2^m block means are the input's levels
+    exactly (project_box, then to_uint8_consistent); sample.to_uint8 of the plain projection (the
+    files before this) misses by levels where the clip bites."""
+    constraint, low_u8, low, x = box_case(m, "area")
+    out = conditional.to_uint8_consistent(conditional.project_box(x, low, constraint), low, constraint)
+    f = 2 ** m
+    down = out.astype(np.float64).reshape(4, 16 // f, f, 16 // f, f, 1).mean((2, 4))
+    assert np.abs(down - low_u8).max() == 0.0, np.abs(down - low_u8).max()
+    from lapflow_jax import sample as sample_lib
+    before = sample_lib.to_uint8(constraint.project(jnp.asarray(x), jnp.asarray(low)))
+    miss = np.abs(before.astype(np.float64).reshape(down.shape[:2] + (f,) + down.shape[2:3] + (f, 1)).mean((2, 4))
+                  - low_u8).max()
+    print(f"m={m}: uint8 of the plain projection misses the input by {miss:.2f} levels")
+    assert miss >= 1.0
+
+
 @pytest.mark.parametrize("starts,m,method,tol", [
     ((0.5, 0.0), 1, "heun", 1e-4), ((2 / 3, 1 / 3, 0.0), 2, "heun", 1e-4), ((2 / 3, 1 / 3, 0.0), 1, "euler", 5e-2),
     ((0.5, 0.0), 1, "dopri5", 1e-4)])
@@ -255,7 +324,9 @@ def test_upsample_mode_writes_consistent_outputs_and_resumes(tmp_path):
     (tmp_path / "low").mkdir()
     rng = np.random.default_rng(0)
     for i in range(3):
-        Image.fromarray(rng.integers(96, 160, (8, 8), dtype=np.uint8)).save(tmp_path / "low" / f"d{i}.png")
+        # black and white pixels among them: there the clip to [0, 255] bites
+        pixels = rng.choice(np.array([0, 0, 0, 1, 96, 128, 160, 254, 255], np.uint8), (8, 8))
+        Image.fromarray(pixels).save(tmp_path / "low" / f"d{i}.png")
     setup = train.make_setup(config, one_device_mesh())
     state = train.create_state(setup, np.asarray((0.13, 0.44), np.float32))
     out = tmp_path / "out"
@@ -266,9 +337,11 @@ def test_upsample_mode_writes_consistent_outputs_and_resumes(tmp_path):
     assert arrays["samples"].shape == (3, 2, 16, 16, 1) and arrays["inputs"].shape == (3, 8, 8, 1)
     assert sorted(p.name for p in (out / "images").iterdir())[:2] == ["d0_0.png", "d0_1.png"]
     assert np.asarray(Image.open(out / "grid.png")).shape[:2] == (3 * 17 - 1, 4 * 17 - 1)
-    # uint8 rounding aside, the area-downsampled samples are the inputs.
+    # The written uint8 files themselves: their 2x2 means are the uint8 inputs exactly.
     down = arrays["samples"].astype(np.float64).reshape(3, 2, 8, 2, 8, 2).mean((3, 5))
-    assert np.abs(down - arrays["inputs"][:, None, :, :, 0]).max() <= 1.0
+    miss = np.abs(down - arrays["inputs"][:, None, :, :, 0]).max()
+    print(f"uint8 files: max |Down(output) - input| = {miss} levels")
+    assert miss == 0.0 and summary["max_consistency_error_uint8_levels"] == 0.0, miss
     again = upsample.upsample_to_dir(config, setup, state.params, (0.13, 0.44), out, seed=1)
     assert "seconds_per_image" not in again  # resumed: every batch was there
     config.upsample.sampler = "replacement"
