@@ -45,9 +45,10 @@ Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5
     python -m lapflow_jax.compile_check --config=configs/imagenet256_b2_lapflow.py --topology=v5e:2x4
 
 Passes: mesh (data, model) = (8, 1), data parallel, splash attention, global batch 256. Per chip:
-train step 11.33 GiB of 16 (3.86 state + 7.43 temporaries), sampling at most 1.51 GiB; 3.32 TFLOPs
-per step; compiled in 100 s here. Predicted step time (the roofline in docs/compile_check.md):
-110.9 ms with everything overlapped to 124.5 ms with nothing, MFU 13.5% to 15.2%, bound by HBM.
+train step 11.35 GiB of 16 (3.86 state + 7.46 temporaries), sampling at most 1.51 GiB; 3.32 TFLOPs
+per step; compiled in 456 s here (a loaded machine). Predicted step time (the roofline in
+docs/compile_check.md): 121.2 ms with everything overlapped to 130.3 ms with nothing, MFU 12.9% to
+13.9%, bound by HBM.
 """
 
 from lapflow_jax.config import base_config
