@@ -189,3 +189,15 @@ def test_judges_precision_recall_and_seed_spread():
     (e,) = judges.summarise(cells)
     assert e["seeds"] == [0, 1, 2] and e["accuracy"] == (2.0, 1.0)  # mean, sample standard deviation
     assert "| baseline | 3 | 0,1,2 | 10 | 2.000 ± 1.000 |" in judges.table(cells)
+
+
+def test_judges_cells_survive_a_kill_mid_write(tmp_path):
+    """A line cut short by a kill is dropped on reading, and the next cell starts on a line of its own."""
+    from benchmarks import judges
+
+    path = tmp_path / "judges.jsonl"
+    for guidance in (1.0, 3.0):
+        judges.append_cell(path, {"model": "baseline", "guidance": guidance})
+    path.write_text(path.read_text()[:-10])  # the second cell cut mid-write, no newline
+    judges.append_cell(path, {"model": "baseline", "guidance": 3.0})
+    assert [c["guidance"] for c in judges.read_cells(path)] == [1.0, 3.0]
