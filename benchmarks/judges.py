@@ -268,7 +268,7 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
     """FD (both feature sets) against accuracy, and precision against recall: one line per model and N
-    through its guidance scales (labelled), the real floor as a star."""
+    through its guidance scales (labelled), one marker per N (hollow for the larger N), the real floor in black."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,16 +281,21 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         if e["model"] != "real":
             lines.setdefault((e["model"], e["num_samples"]), []).append(e)
     floors = [e for e in entries if e["model"] == "real"]
+    # One marker per N (FDs of different N are not comparable): filled circles for the smallest.
+    markers = {n: m for n, m in zip(sorted({e["num_samples"] for e in entries}), "osD^v")}
 
     def draw(ax, x_metric, y_metric):
         for (model, n), pts in lines.items():
             pts = sorted(pts, key=lambda e: e["guidance"])
             xs, ys = [p[x_metric][0] for p in pts], [p[y_metric][0] for p in pts]
-            ax.plot(xs, ys, "o-", color=colours.get(model), label=f"{model} (N={n})", ms=4)
+            ax.plot(xs, ys, "-", marker=markers[n], color=colours.get(model), label=f"{model} (N={n})",
+                    ms=4 + 2 * (n != min(markers)), fillstyle="full" if n == min(markers) else "none")
             for p, x, y in zip(pts, xs, ys):
                 ax.annotate(f"w={p['guidance']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for f in floors:
-            ax.plot([f[x_metric][0]], [f[y_metric][0]], "k*", ms=9, label=f"real (N={f['num_samples']})")
+            ax.plot([f[x_metric][0]], [f[y_metric][0]], "k" + markers[f["num_samples"]], ms=7,
+                    fillstyle="none" if f["num_samples"] != min(markers) else "full",
+                    label=f"real (N={f['num_samples']})")
         ax.set_xlabel(HEADERS[x_metric])
         ax.set_ylabel(HEADERS[y_metric])
         ax.grid(alpha=0.3)
