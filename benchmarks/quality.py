@@ -165,10 +165,45 @@ def checkpoint_steps(workdir: Path, every: int, last: int) -> list[int]:
     return sorted(s for s in steps if s % every == 0 or s == last)
 
 
-class Judge:
-    """The classifier and the real-image statistics every sample set is compared with."""
+def cached_classifier(cache, train_x, train_y, test_x, test_y, steps: int):
+    """The study's CNN (classifier.train_classifier, seed 0): trained, or read back from `cache`.
 
-    def __init__(self, args, data_config):
+    Training is deterministic on one CPU, so a kept copy is the same judge without its minutes of
+    training; the file is keyed by the steps and a digest of the data, so another data set (a
+    test's made-up one) never reads it. cache None: always train."""
+    import hashlib
+
+    import jax
+    import numpy as np
+    from flax import nnx
+    from lapflow_jax.evaluation import classifier
+
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes()
+                                     for a in (train_x, train_y, test_x, test_y))).hexdigest()[:16]
+    path = Path(cache) / f"classifier_steps{steps}_{digest}.npz" if cache else None
+    if path is not None and path.exists():
+        graphdef, params = nnx.split(classifier.SmallCNN(train_x.shape[-1], 10, rngs=nnx.Rngs(0)), nnx.Param)
+        leaves, treedef = jax.tree.flatten(params)
+        with np.load(path) as f:
+            loaded = [f[f"leaf{i}"] for i in range(len(leaves))]
+            clf = classifier.Classifier(graphdef, jax.tree.unflatten(treedef, loaded), 10,
+                                        test_accuracy=float(f["test_accuracy"]))
+        return clf
+    clf = classifier.train_classifier(train_x, train_y, num_classes=10, steps=steps,
+                                      test_images=test_x, test_labels=test_y)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        leaves = jax.tree.leaves(clf.params)
+        np.savez(path, test_accuracy=clf.test_accuracy, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)})
+    return clf
+
+
+class Judge:
+    """The classifier and the real-image statistics every sample set is compared with.
+
+    cache: a folder that keeps the trained classifier (`cached_classifier`); None retrains it."""
+
+    def __init__(self, args, data_config, cache=None):
         import numpy as np
         from lapflow_jax.evaluation import classifier, frechet, swd
 
@@ -176,11 +211,11 @@ class Judge:
         t0 = time.perf_counter()
         train_x, train_y = classifier.labelled_split(data_config, "train")
         self.test_x, self.test_y = classifier.labelled_split(data_config, "test")
-        self.clf = classifier.train_classifier(train_x, train_y, num_classes=10, steps=args.classifier_steps,
-                                               test_images=self.test_x, test_labels=self.test_y)
+        self.clf = cached_classifier(cache, train_x, train_y, self.test_x, self.test_y, args.classifier_steps)
         self.test_mu, self.test_sigma = frechet.feature_stats(self.clf.features(self.test_x))
         n_real = min(5000, len(train_x), len(self.test_x))
         real = train_x[np.random.default_rng(0).permutation(len(train_x))[:n_real]]
+        self.real = real  # the floor's real images (training images the CNN has seen), for other judges
         self.floor = {"accuracy": self.clf.test_accuracy, "fd": self.fd(real),
                       "swd": self.swd(real), "num_real": n_real}
         self.seconds = time.perf_counter() - t0

@@ -69,12 +69,10 @@ def _write_idx(path: Path, array) -> None:
     path.write_bytes(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
-def test_quality_study_runs_tiny(tmp_path):
-    """benchmarks/quality.py's whole path (classifier, three models, curves, NFE study, tables, files)
-    on a made-up 'Fashion-MNIST' of simple class-coded shapes, in seconds."""
+def _fake_fashion_mnist(data: Path) -> Path:
+    """A made-up 'Fashion-MNIST' of simple class-coded shapes (200 train, 100 test) as idx files."""
     import numpy as np
 
-    data = tmp_path / "fmnist"
     data.mkdir()
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 200), ("t10k", 100)):
@@ -85,6 +83,15 @@ def test_quality_study_runs_tiny(tmp_path):
         images = np.clip(images + rng.integers(0, 30, images.shape), 0, 255).astype(np.uint8)
         _write_idx(data / f"{prefix}-images-idx3-ubyte", images)
         _write_idx(data / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
+    return data
+
+
+def test_quality_study_runs_tiny(tmp_path):
+    """benchmarks/quality.py's whole path (classifier, three models, curves, NFE study, tables, files)
+    on a made-up 'Fashion-MNIST' of simple class-coded shapes, in seconds."""
+    import numpy as np
+
+    data = _fake_fashion_mnist(tmp_path / "fmnist")
     out = tmp_path / "out"
     stdout = run_script(
         "benchmarks/quality.py", f"--data_dir={data}", f"--out={out}", f"--workdir={tmp_path / 'work'}",
@@ -110,3 +117,87 @@ def test_quality_study_runs_tiny(tmp_path):
         assert (out / f"quality_grid_{name}.png").stat().st_size > 0
         assert result["nfe"][name]["dopri5_nfe"] >= 6  # dopri5 makes at least one 6-call step
     assert (out / "quality_curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # ~10 min on the loaded 2-core machine: two tiny trainings, EfficientNet compiles
+def test_judges_runs_tiny_and_resumes(tmp_path):
+    """benchmarks/judges.py end to end on made-up data and two tiny models (1 and 2 scales): a jsonl
+    cell per (model, seed, guidance) plus the real floor, the kept samples, a resume that scores only
+    the cell a kill cut short, the table and the plots."""
+    import numpy as np
+
+    data = _fake_fashion_mnist(tmp_path / "fmnist")
+    models = tmp_path / "models"
+    run_script("-c", "from absl import flags; flags.FLAGS.mark_as_parsed()\n"
+               "from benchmarks import quality\nfrom lapflow_jax import train\n"
+               f"a = quality.parse_args(['--data_dir={data}', '--steps=2', '--eval_every=2', '--warmup=1', "
+               "'--batch=6', '--width=16', '--depth=1', '--heads=2', '--nfe=3', '--sample_batch=10'])\n"
+               "for name, scales in (('baseline', 1), ('lapflow2', 2)):\n"
+               f"    train.train(quality.make_config(a, scales, 0, 2), '{models}/' + name + '_seed0')\n")
+    out = tmp_path / "out"
+    args = ("benchmarks/judges.py", f"--models={models}/baseline_seed0,{models}/lapflow2_seed0", "--guidance=1,3",
+            "--samples=20", "--real=20", "--keep=12", "--nfe=3", "--sample_batch=10", "--classifier_steps=30",
+            "--efficientnet_reference=40", f"--data_dir={data}", f"--cache={tmp_path / 'cache'}", f"--out={out}")
+    run_script(*args)
+    lines = (out / "judges.jsonl").read_text().splitlines()
+    cells = [json.loads(line) for line in lines]
+    assert [(c["model"], c["seed"], c["guidance"]) for c in cells] == [
+        ("real", 0, None), ("baseline", 0, 1.0), ("baseline", 0, 3.0), ("lapflow2", 0, 1.0), ("lapflow2", 0, 3.0)]
+    for c in cells:
+        assert c["num_samples"] == 20 and c["method"] == "heun" and c["nfe_steps"] == 3
+        assert 0 <= c["accuracy"] <= 1 and 0 <= c["precision"] <= 1 and 0 <= c["recall"] <= 1
+        assert c["fd_cnn"] >= 0 and c["fd_efficientnet"] >= 0 and c["swd"] >= 0
+        if c["model"] != "real":
+            assert c["train_step"] == 2
+            kept = np.load(out / c["samples_file"])
+            assert kept["images"].shape == (12, 32, 32, 1) and kept["images"].dtype == np.uint8
+            np.testing.assert_array_equal(kept["labels"], np.arange(12) % 10)
+    # A kill in the middle of writing the last cell: that cell alone is scored again.
+    (out / "judges.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])
+    again = run_script(*args)
+    assert again.count("already scored") == 3
+    lines2 = (out / "judges.jsonl").read_text().splitlines()
+    assert lines2[:-2] == lines[:-1] and lines2[-2] == lines[-1][:25]  # the cut line stays, the cell follows it
+    cells2 = [json.loads(line) for line in lines2[:-2] + lines2[-1:]]
+    assert [(c["model"], c["guidance"]) for c in cells2] == [(c["model"], c["guidance"]) for c in cells]
+    for key in ("accuracy", "fd_cnn", "fd_efficientnet", "precision", "recall", "swd"):  # the same noise, the same cell
+        assert cells2[-1][key] == pytest.approx(cells[-1][key], rel=1e-4, abs=1e-6), key
+    table = run_script("benchmarks/judges.py", "--table", f"--out={out}")
+    assert "| real (training images) |  | 0 | 20 |" in table
+    assert "| baseline | 1 | 0 | 20 |" in table and "| lapflow2 | 3 | 0 | 20 |" in table
+    for name in ("judges.md", "judges_fd_accuracy.png", "judges_precision_recall.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_judges_precision_recall_and_seed_spread():
+    """The judge's precision is the samples' fidelity and recall the test set's coverage (not
+    swapped), and the table's spread is over seeds."""
+    import numpy as np
+    from benchmarks import judges
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, 16) * 50.0  # 8 well-separated clusters in 16-d
+    test = (centres[:, None] + rng.normal(size=(8, 50, 16))).reshape(-1, 16)
+    j = judges.Judges.__new__(judges.Judges)  # only the precision/recall part: no CNN, no EfficientNet
+    j.test_features = test
+    assert j.precision_recall(test) == (1.0, 1.0)
+    assert j.precision_recall(test + 1000.0) == (0.0, 0.0)
+    # Mode collapse onto one cluster (its own test points): every sample is realistic, one test image in 8 covered.
+    assert j.precision_recall(test[:50]) == (1.0, 0.125)
+    cells = [{"model": "baseline", "seed": s, "guidance": 3.0, "num_samples": 10, "method": "heun", "nfe_steps": 20,
+              **{m: v for m in judges.METRICS}} for s, v in ((0, 1.0), (1, 2.0), (2, 3.0))]
+    (e,) = judges.summarise(cells)
+    assert e["seeds"] == [0, 1, 2] and e["accuracy"] == (2.0, 1.0)  # mean, sample standard deviation
+    assert "| baseline | 3 | 0,1,2 | 10 | 2.000 ± 1.000 |" in judges.table(cells)
+
+
+def test_judges_cells_survive_a_kill_mid_write(tmp_path):
+    """A line cut short by a kill is dropped on reading, and the next cell starts on a line of its own."""
+    from benchmarks import judges
+
+    path = tmp_path / "judges.jsonl"
+    for guidance in (1.0, 3.0):
+        judges.append_cell(path, {"model": "baseline", "guidance": guidance})
+    path.write_text(path.read_text()[:-10])  # the second cell cut mid-write, no newline
+    judges.append_cell(path, {"model": "baseline", "guidance": 3.0})
+    assert [c["guidance"] for c in judges.read_cells(path)] == [1.0, 3.0]
