@@ -29,10 +29,10 @@ chosen by predicted step time for this batch:
     python -m lapflow_jax.compile_check --config=configs/imagenet256_xl2_lapflow.py --topology=v5p:2x2x1
 
 Passes: mesh (data, model) = (4, 1), data parallel, splash attention, global batch 256. Per chip:
-train step 67.21 GiB of 95 (20.07 state + 47.08 temporaries), sampling at most 7.65 GiB; 34.23
-TFLOPs per step; compiled in 757 s here. Predicted step time (the roofline in
-docs/compile_check.md): 149.6 ms with everything overlapped to 180.0 ms with nothing, MFU 41.4% to
-49.8%, bound by HBM.
+train step 67.22 GiB of 95 (20.07 state + 47.10 temporaries), sampling at most 7.65 GiB; 34.23
+TFLOPs per step; compiled in 437 s here. Predicted step time (the roofline in
+docs/compile_check.md): 148.4 ms with everything overlapped to 168.7 ms with nothing, MFU 44.2% to
+50.2%, bound by HBM.
 
 The same batch on v5p-128 (--topology=v5p:4x4x4 --config.fsdp=True: FSDP in groups of 32, 6.19 GiB
 per chip) is predicted at 43.8 to 61.5 ms per step, MFU 7.6% to 10.6% (bound by HBM): faster per
