@@ -41,10 +41,10 @@ Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5
     python -m lapflow_jax.compile_check --config=configs/celebahq256_lapflow.py --topology=v5p:2x2x1
 
 Passes: mesh (data, model) = (4, 1), data parallel, splash attention, global batch 32. Per chip:
-train step 24.66 GiB of 95 (13.59 state + 11.03 temporaries), sampling at most 5.22 GiB; 2.92
-TFLOPs per step; compiled in 79 s here. Predicted step time (the roofline in
-docs/compile_check.md): 69.6 ms with everything overlapped to 90.2 ms with nothing, MFU 7.0% to
-9.1%, bound by HBM.
+train step 24.65 GiB of 95 (13.59 state + 11.02 temporaries), sampling at most 5.22 GiB; 2.92
+TFLOPs per step; compiled in 34 s here. Predicted step time (the roofline in
+docs/compile_check.md): 61.0 ms with everything overlapped to 74.7 ms with nothing, MFU 8.5% to
+10.4%, bound by HBM.
 """
 
 from lapflow_jax.config import base_config
