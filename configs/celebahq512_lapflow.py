@@ -39,10 +39,10 @@ Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5
     python -m lapflow_jax.compile_check --config=configs/celebahq512_lapflow.py --topology=v5p:2x2x1
 
 Passes: mesh (data, model) = (4, 1), data parallel, splash attention, global batch 32. Per chip:
-train step 34.17 GiB of 95 (13.60 state + 20.52 temporaries), sampling at most 5.42 GiB; 12.92
-TFLOPs per step; compiled in 80 s here. Predicted step time (the roofline in
-docs/compile_check.md): 97.6 ms with everything overlapped to 118.1 ms with nothing, MFU 23.8% to
-28.8%, bound by HBM.
+train step 34.13 GiB of 95 (13.60 state + 20.49 temporaries), sampling at most 5.42 GiB; 12.92
+TFLOPs per step; compiled in 155 s here. Predicted step time (the roofline in
+docs/compile_check.md): 87.7 ms with everything overlapped to 101.4 ms with nothing, MFU 27.8% to
+32.1%, bound by HBM.
 """
 
 from lapflow_jax.config import base_config
