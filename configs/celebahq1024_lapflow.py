@@ -31,10 +31,10 @@ Compile check (the TPU compiler on this host, no TPU; docs/compile_check.md), v5
     python -m lapflow_jax.compile_check --config=configs/celebahq1024_lapflow.py --topology=v5p:2x2x2
 
 Passes: mesh (data, model) = (8, 1), data parallel, splash attention, global batch 32. Per chip:
-train step 47.88 GiB of 95 (13.60 state + 34.21 temporaries), sampling at most 5.34 GiB; 36.22
-TFLOPs per step; compiled in 136 s here. Predicted step time (the roofline in
-docs/compile_check.md): 119.3 ms with everything overlapped to 135.3 ms with nothing, MFU 58.3% to
-66.2%, bound by HBM.
+train step 47.91 GiB of 95 (13.60 state + 34.26 temporaries), sampling at most 5.34 GiB; 36.22
+TFLOPs per step; compiled in 110 s here. Predicted step time (the roofline in
+docs/compile_check.md): 114.0 ms with everything overlapped to 124.7 ms with nothing, MFU 63.3% to
+69.2%, bound by HBM.
 """
 
 import os
