@@ -27,7 +27,6 @@ measure of how optimistic its MFU range is.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -40,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from lapflow_jax import config as config_lib  # noqa: E402
 from lapflow_jax import parallel, roofline, step_cost, train  # noqa: E402
 
 DEFAULT_CONFIGS = "configs/imagenet256_b2_baseline.py,configs/imagenet256_b2_lapflow.py"
@@ -47,10 +47,7 @@ DEFAULT_CONFIGS = "configs/imagenet256_b2_baseline.py,configs/imagenet256_b2_lap
 
 def load_config(path: str, *, batch: int | None, attention_backend: str, smoke: bool):
     """The config file's get_config(), on one device at `batch` (a tiny model with --smoke)."""
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.config_from_file(path)
     config.mesh_shape = (1, 1)
     config.fsdp = False
     if batch:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -202,11 +202,6 @@ class MoTBlock(nnx.Module):
         self.out = ScaleDense(num_scales, hidden, hidden, ("heads", "embed"), dtype=dtype, rngs=rngs)
         self.mlp_in = ScaleDense(num_scales, hidden, mlp_hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.mlp_out = ScaleDense(num_scales, mlp_hidden, hidden, ("mlp", "embed"), dtype=dtype, rngs=rngs)
-
-    def __call__(self, xs: Sequence[jax.Array], cond: jax.Array, first_scale: int) -> list[jax.Array]:
-        """xs: per active scale (finest first, scales first_scale..L-1), [B, N_k, D]; cond [B, D]."""
-        num_scales = first_scale + len(xs)
-        return self.over_rows(list(xs), [cond] * len(xs), StageRows((first_scale,), (cond.shape[0],), num_scales))
 
     def over_rows(self, xs: Sequence[jax.Array], conds: Sequence[jax.Array], rows: StageRows) -> list[jax.Array]:
         """The block over several stages at once. xs[j], conds[j]: scale rows.scales[j]'s tokens
