@@ -286,12 +286,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.data.name not in pipeline.NAMES:
         raise ValueError(f"config.data.name={c.data.name!r} is not one of {pipeline.NAMES}.")
     height, width, _ = input_shape(c)
+    # Scale k is the image halved k times; its own patch size must divide it (a coarse scale may
+    # use a smaller patch than the finest, e.g. (8, 8, 8, 4) for 4 scales of 32 px).
+    if height % 2 ** (L - 1) or width % 2 ** (L - 1):
+        raise ValueError(f"config.data.image_size={height}x{width} must be divisible by 2**(num_scales-1) = "
+                         f"{2 ** (L - 1)} to make {L} scales.")
     for k, p in enumerate(c.model.patch_sizes):
-        need = 2 ** (L - 1) * p
-        if height % need or width % need:
+        if (height >> k) % p or (width >> k) % p:
             raise ValueError(
-                f"config.data.image_size={height}x{width} must be divisible by 2**(num_scales-1) * "
-                f"patch size = 2**{L - 1} * {p} = {need} (config.model.patch_sizes[{k}]).")
+                f"config.data.image_size={height}x{width} halved {k} times is {height >> k}x{width >> k}, "
+                f"which config.model.patch_sizes[{k}]={p} does not divide.")
     hidden, _, heads = presets.model_size(c.model)
     if hidden % heads:
         raise ValueError(f"config.model hidden size {hidden} is not divisible by num_heads {heads}.")

@@ -30,9 +30,11 @@ def one_device_mesh():
 # (overrides, fragments the message must contain: field, value, what is allowed).
 BAD_CONFIGS = {
     "image size vs scales and patch": (
-        {"data.image_size": 20, "model.patch_sizes": (4, 2)},
-        ["config.data.image_size=20x20", "2**(num_scales-1) * patch size = 2**1 * 4 = 8",
-         "config.model.patch_sizes[0]"]),
+        {"data.image_size": 20, "model.patch_sizes": (2, 4)},
+        ["config.data.image_size=20x20", "halved 1 times is 10x10", "config.model.patch_sizes[1]=4"]),
+    "image size vs scales": (
+        {"data.image_size": 18, "num_scales": 3, "window_starts": (0.6, 0.3, 0.0), "model.patch_sizes": (1, 1, 1)},
+        ["config.data.image_size=18x18", "divisible by 2**(num_scales-1) = 4"]),
     "coarsest window not at 0": (
         {"window_starts": (0.5, 0.1)}, ["config.window_starts=(0.5, 0.1)", "must start at 0.0"]),
     "windows not increasing": (
@@ -237,3 +239,16 @@ def test_harmless_changes_resume_and_force_resume_is_logged(saved_run, caplog):
     state = ckpt.restore_state(3, ckpt_lib.abstract_with_shardings(abstract, shardings))
     assert int(state.step) == 0
     ckpt.close()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.architecture": "separate"},
+    # A coarse scale may take a smaller patch than the finest: 4 scales of 32 px (4 px coarsest).
+    {"num_scales": 4, "window_starts": (0.75, 0.5, 0.25, 0.0), "model.patch_sizes": (8, 8, 8, 4),
+     "data.image_size": 32},
+], ids=["separate models", "4 scales, patches 8,8,8,4"])
+def test_ablation_settings_make_a_training_setup(overrides):
+    """What benchmarks/ablations.py trains must get through train.make_setup (validation and the
+    sharding check), before anything compiles."""
+    setup = train.make_setup(tiny_config(**overrides), one_device_mesh())
+    assert setup.config.num_scales == overrides.get("num_scales", 2)

@@ -292,8 +292,8 @@ class MoT(nnx.Module):
             if h % p or w % p or (h << k) != height or (w << k) != width:
                 raise ValueError(
                     f"scale {k} has spatial size {h}x{w} (image {height}x{width} halved {k} times), "
-                    f"which patch size {p} does not divide; image sides must be divisible by "
-                    f"2**{num_scales - 1} * patch size.")
+                    f"which patch size {p} does not divide, or the image cannot be halved {num_scales - 1} "
+                    f"times evenly.")
         if height != width:
             raise ValueError(f"image_shape {image_shape}: only square images are supported.")
         self.hidden_size = hidden_size
@@ -494,6 +494,11 @@ class SeparateScaleModels(nnx.Module):
     @property
     def null_class(self) -> int:
         return self.models[0].null_class
+
+    @property
+    def num_heads(self) -> int:
+        """Every scale's transformer has the same heads (what the sharding check divides by)."""
+        return self.models[0].num_heads
 
     def __call__(self, states: Sequence[jax.Array], t: jax.Array, labels: jax.Array | None = None) -> list[jax.Array]:
         """As `MoT.__call__`: states of the active scales f..L-1, finest first -> their velocities."""
