@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", default="1,1.5,2,3", help="comma-separated classifier-free guidance scales")
     p.add_argument("--samples", type=int, default=5000, help="samples per cell")
     p.add_argument("--real", type=int, default=5000, help="real training images of the floor row (0: no floor)")
-    p.add_argument("--keep", type=int, default=1000, help="samples kept per cell as .npz")
+    p.add_argument("--keep", type=int, default=1000, help="samples kept per cell as .npz (0: none)")
     p.add_argument("--method", default="heun", help="sampler (quality.py's)")
     p.add_argument("--nfe", type=int, default=20, help="sampler steps (quality.py's --nfe)")
     p.add_argument("--sample_batch", type=int, default=500)
@@ -217,9 +217,10 @@ def score(args) -> None:
             images, labels, step = sample_cell(args, workdir, guidance)
             t1 = time.perf_counter()
             scores = get_judges().score(images, labels)
-            kept = out / f"judges_samples_{name}_seed{seed}_g{guidance:g}.npz"
-            np.savez_compressed(kept, images=images[:args.keep], labels=labels[:args.keep])
-            row.update(workdir=str(workdir), train_step=step, **scores, samples_file=kept.name,
+            kept = out / f"judges_samples_{name}_seed{seed}_g{guidance:g}.npz" if args.keep else None
+            if kept is not None:
+                np.savez_compressed(kept, images=images[:args.keep], labels=labels[:args.keep])
+            row.update(workdir=str(workdir), train_step=step, **scores, samples_file=kept and kept.name,
                        seconds_sample=t1 - t0, seconds_judge=time.perf_counter() - t1)
             append_cell(path, row)
             done.add(cell_key(row))
@@ -324,7 +325,10 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     if args.table:
-        rows = read_cells(out / "judges.jsonl")
+        from benchmarks import quality
+
+        # The study's models and the floor; benchmarks/ablations.py tables the other cells of the file.
+        rows = [r for r in read_cells(out / "judges.jsonl") if r["model"] in ("real", *quality.MODELS)]
         if not rows:
             sys.exit(f"no cells in {out / 'judges.jsonl'}: score some first")
         text = table(rows)

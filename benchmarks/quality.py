@@ -55,7 +55,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 MODELS = {"baseline": 1, "lapflow2": 2, "lapflow3": 3}
 LABELS = {"baseline": "1-scale baseline", "lapflow2": "LapFlow 2-scale (T=0.5)",
           "lapflow3": "LapFlow 3-scale (T=1/3, 2/3)"}
-WINDOWS = {1: (0.0,), 2: (0.5, 0.0), 3: (2 / 3, 1 / 3, 0.0)}
+WINDOWS = {1: (0.0,), 2: (0.5, 0.0), 3: (2 / 3, 1 / 3, 0.0), 4: (0.75, 0.5, 0.25, 0.0)}
 
 
 def parse_args(argv=None):
@@ -104,10 +104,12 @@ def check_data(data_dir: str) -> None:
                  f"(Debian/Ubuntu; 30 MB, MIT), or pass --data_dir=FOLDER holding the four idx files.")
 
 
-def training_tokens(num_scales: int, patch: int, image_size: int) -> float:
+def training_tokens(num_scales: int, patch, image_size: int) -> float:
     """Tokens the model sees per training image, averaged over the equal-size training stages
-    (stage f feeds scales f..L-1, i.e. scale f and everything coarser)."""
-    tokens = [(image_size // 2 ** k // patch) ** 2 for k in range(num_scales)]
+    (stage f feeds scales f..L-1, i.e. scale f and everything coarser). patch: one size for
+    every scale, or one per scale (finest first)."""
+    patches = (patch,) * num_scales if isinstance(patch, int) else tuple(patch)
+    tokens = [(image_size // 2 ** k // patches[k]) ** 2 for k in range(num_scales)]
     return sum(sum(tokens[f:]) for f in range(num_scales)) / num_scales
 
 
