@@ -43,6 +43,7 @@ from lapflow_jax import config as config_lib  # noqa: E402
 from lapflow_jax import parallel, roofline, step_cost, train  # noqa: E402
 
 DEFAULT_CONFIGS = "configs/imagenet256_b2_baseline.py,configs/imagenet256_b2_lapflow.py"
+TRACED_STEPS = 3   # steps under the profiler with --trace_dir
 
 
 def load_config(path: str, *, batch: int | None, attention_backend: str, smoke: bool):
@@ -106,10 +107,43 @@ def time_train_step(setup: train.Setup, *, steps: int, trace_dir: str = "") -> d
         raise FloatingPointError("the timed train step gave a non-finite loss")
     if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(3):
+            for _ in range(TRACED_STEPS):
                 state, metrics = step(state, data)
             float(metrics["loss"])
     return dict(compile_s=compile_seconds, step_s_median=float(np.median(times)), step_s_min=float(min(times)))
+
+
+# Device kernels by what they do, first match wins (XLA GPU names: cuBLAS/nvjet/cutlass GEMMs,
+# cuDNN's fused attention, memcpy, and XLA's own fusions; a TPU trace names its ops by HLO).
+KERNEL_CLASSES = (("matmul", ("gemm", "nvjet", "cutlass", "cublas", "xmma", "convolution", "dot")),
+                  ("attention", ("sdpa", "flash", "fmha", "softmax", "compute_dot_do_o")),
+                  ("copy", ("memcpy", "memset", "copy", "dynamic_update_slice", "dynamic-update-slice")))
+
+
+def kernel_breakdown(trace_dir: str | Path, steps: int) -> dict[str, dict[str, float]]:
+    """Device time per step by kernel class, from the profiler trace(s) under trace_dir.
+
+    Reads every *.trace.json.gz (Chrome trace format) below trace_dir, keeps the complete events
+    ("ph": "X") of processes named /device:..., and sums their durations by KERNEL_CLASSES (else
+    "other": XLA's elementwise and reduction fusions). Returns {class: {"ms_per_step", "kernels_per_step",
+    "fraction"}}; empty where the trace has no device process (a CPU run)."""
+    import gzip
+
+    totals: dict[str, list[float]] = {}
+    for f in sorted(Path(trace_dir).rglob("*.trace.json.gz")):
+        events = json.loads(gzip.open(f).read())["traceEvents"]
+        devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+        for e in events:
+            if e.get("ph") == "X" and e.get("pid") in devices:
+                name = e["name"].lower()
+                kind = next((k for k, keys in KERNEL_CLASSES if any(key in name for key in keys)), "other")
+                total = totals.setdefault(kind, [0.0, 0])
+                total[0] += float(e["dur"])
+                total[1] += 1
+    busy = sum(t for t, _ in totals.values())
+    return {k: {"ms_per_step": t / 1e3 / steps, "kernels_per_step": n / steps, "fraction": t / busy}
+            for k, (t, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])}
 
 
 def run_config(path: str, args, measured: roofline.Chip) -> dict:
@@ -120,6 +154,8 @@ def run_config(path: str, args, measured: roofline.Chip) -> dict:
     result = dict(config=path, num_scales=config.num_scales, batch=config.train.global_batch_size,
                   gflops=flops / 1e9, hbm_gb=hbm_bytes / 1e9, **time_train_step(setup, steps=args.steps,
                                     trace_dir=args.trace_dir and f"{args.trace_dir}/{Path(path).stem}"))
+    if args.trace_dir:
+        result["kernels"] = kernel_breakdown(f"{args.trace_dir}/{Path(path).stem}", steps=TRACED_STEPS)
     chips = {"measured": measured}
     datasheet = roofline.CHIPS.get(jax.devices()[0].device_kind)
     if datasheet:
@@ -151,6 +187,11 @@ def print_report(results: list[dict], measured: roofline.Chip) -> None:
                     f"{100 * p['mfu_measured']:.1f}%"]
         rows.append(row)
     print(common.markdown_table(headers, rows))
+    for r in results:
+        if r.get("kernels"):
+            print(f"{Path(r['config']).stem}: device time per step by kernel class (trace): " + ", ".join(
+                f"{k} {v['ms_per_step']:.1f} ms ({100 * v['fraction']:.0f}%, {v['kernels_per_step']:.0f} kernels)"
+                for k, v in r["kernels"].items()))
 
 
 def main(argv=None):
@@ -161,7 +202,8 @@ def main(argv=None):
     parser.add_argument("--num_classes", type=int, default=1000, help="label classes of the synthetic data")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per config")
     parser.add_argument("--smoke", action="store_true", help="a tiny float32 model (checks the script on CPU)")
-    parser.add_argument("--trace_dir", default="", help="also write a profiler trace of 3 steps per config here")
+    parser.add_argument("--trace_dir", default="", help="also write a profiler trace of 3 steps per config here "
+                        "and report device time by kernel class from it")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     measured = measure_ceilings(smoke=args.smoke)

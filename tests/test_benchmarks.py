@@ -61,6 +61,34 @@ def test_step_roofline_smoke(tmp_path):
     assert m["measured_over_predicted"] == pytest.approx(result["step_s_median"] / max(m["compute_s"], m["hbm_s"]))
 
 
+def test_kernel_breakdown_sums_device_kernels_by_class(tmp_path):
+    """step_roofline.kernel_breakdown on a hand-written trace: device events only (the host's are
+    ignored), each class's microseconds summed and divided by the steps."""
+    import gzip
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import step_roofline
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+    kernels = [("nvjet_sm90_tst_128x128", 3000), ("cudnn_generated_sdpa_flash_fprop", 1000), ("memcpy128", 500),
+               ("loop_dynamic_update_slice_fusion_3", 700), ("input_add_reduce_fusion_5", 1800),
+               ("loop_multiply_fusion", 1000)]
+    events += [{"ph": "X", "pid": 1, "name": n, "ts": 0, "dur": d} for n, d in kernels]
+    events += [{"ph": "X", "pid": 2, "name": "nvjet_host_side_launch", "ts": 0, "dur": 99999}]
+    folder = tmp_path / "cfg" / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "vm.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    got = step_roofline.kernel_breakdown(tmp_path / "cfg", steps=2)
+    assert list(got) == ["matmul", "other", "copy", "attention"]   # largest first
+    expected_us = {"matmul": 3000, "attention": 1000, "copy": 1200, "other": 2800}
+    for kind, us in expected_us.items():
+        assert got[kind]["ms_per_step"] == pytest.approx(us / 1e3 / 2)
+        assert got[kind]["fraction"] == pytest.approx(us / 8000)
+    assert got["copy"]["kernels_per_step"] == 1.0
+
+
 def _write_idx(path: Path, array) -> None:
     """An uncompressed idx file (the MNIST format) holding a uint8 array."""
     import numpy as np
