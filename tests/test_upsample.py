@@ -2,8 +2,8 @@
 
 A tiny random AutoencoderKL (f = 2, as tests/test_latents.py's, with a shift and a scaling factor
 that are not 0 and 1 so that a wrong normalisation shows) and a tiny random LapFlow on its 8x8x4
-latents (2 scales): 8x8 RGB inputs, 2x to 16x16. Random weights: the constraints and the encode
-path do not need a trained model.
+latents (2 scales): 8x8 RGB inputs, 2x to 16x16. Random weights: the
+constraints and the encode path do not need a trained model.
 """
 
 import jax
@@ -33,8 +33,14 @@ def model(tmp_path_factory):
         "latent.autoencoder": str(root / "ae"), "latent.encode_batch_size": 2, "pyramid.sigmas": SIGMAS,
         "upsample.samples_per_image": 2, "upsample.batch_size": 2, "sample.steps": 4})
     setup = train.make_setup(config, one_device_mesh(), dataset_classes=10)
-    state = train.create_state(setup, np.asarray(SIGMAS, np.float32))
-    return config, setup, state.params
+    params = train.create_state(setup, np.asarray(SIGMAS, np.float32)).params
+    # Random normal parameters: the initial model's zero-initialised output layer gives velocity 0
+    # (and demo_run's sin pattern a fine field that ignores the coarse scale): both samplers would
+    # then give the same output.
+    leaves, treedef = jax.tree.flatten(params)
+    params = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(jax.random.key(i), a.shape, a.dtype)
+                                          for i, a in enumerate(leaves)])
+    return config, setup, params
 
 
 def low_inputs(n=3, seed=0):
