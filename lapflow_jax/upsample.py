@@ -28,8 +28,19 @@ config.upsample.split = "test" (any split of config.data), instead of an input, 
 config.upsample.num_images images of the model's own data, downsampled with its Down by
 config.upsample.factor (0: 2), as the inputs; upsampled.npz then also holds their originals.
 
-Pixel mode only: in latent mode the constraint would hold on the latent's coarse scale, and the
-low-resolution input has no latent of its own (not built yet).
+Latent mode (config.latent.enabled): the inputs are still pixel images (H x W = the latent's size
+times the autoencoder's factor; config.upsample.split reads config.latent.source). A low-resolution
+image has no latent of its own, so it is resized to H x W with the bicubic baseline, clipped to
+[-1, 1], encoded as training latents are (latents.encode_images: posterior mean, shift and scaling
+factor), and the Down^m of that latent is the known value: the samplers run on the latents with the
+exact projection there (max |Down^m(latent out) - y| <= 1e-5), and the outputs are decoded.
+In pixels this is not exact (the decoder is not the encoder's inverse, and the bicubic image is
+not consistent with the input): summary.json adds max_latent_consistency_error and the decoded
+images' max / mean |Down^m(decoded) - input| (max_decoded_consistency_error,
+mean_decoded_consistency_error). config.upsample.project_decoded (default True) then projects the
+decoded images onto the input's constraint within the pixel range, as pixel mode's outputs are,
+so the written files are exactly consistent (max_consistency_error* describe the written files);
+False writes the decoder's output, plainly rounded.
 """
 
 from __future__ import annotations
