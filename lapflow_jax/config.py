@@ -123,7 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
     # from the trained model, with config.sample's solver (docs/method.md, "Conditional sampling").
     c.upsample = ml_collections.ConfigDict()
     c.upsample.input = ""             # a folder of images or an .npz (`images`/`arr_0` uint8 [N, h, w, C]).
-    c.upsample.split = ""             # instead of input: this split of config.data ("test"), each image
+    c.upsample.split = ""             # instead of input: this split of config.data ("test"; latent mode:
+    #                                   of config.latent.source), each image
     #                                   downsampled by upsample.factor (0: 2) with the model's Down.
     c.upsample.num_images = 0         # inputs to use (the first ones); 0: all.
     c.upsample.samples_per_image = 4  # k samples of each input.
@@ -134,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.upsample.factor = 0             # 0: from the input size (variations: 2); else 2, 4, ...
     c.upsample.batch_size = 8         # inputs per batch (each gives samples_per_image rows).
     c.upsample.grid_images = 8        # rows of grid.png.
+    # Latent mode: the constraint holds exactly on the latent's coarse scales, not on the decoded
+    # pixels; True projects the decoded images onto Down^m = input in pixels (as pixel mode's outputs
+    # are), which can only bring them closer to any image the input could have come from.
+    c.upsample.project_decoded = True
 
     # Eval mode (--mode=eval, docs/evaluation.md): samples of a checkpoint against a reference.
     c.eval = ml_collections.ConfigDict()

@@ -145,9 +145,17 @@ def _decoder_key(config: ml_collections.ConfigDict) -> tuple[str, str, int]:
 
 
 @functools.lru_cache(maxsize=4)
-def _decoder(path: str, dtype: str, chunk: int):
-    model, _ = load_autoencoder(path, dtype)  # once per process
+def _autoencoder(path: str, dtype: str):
+    """(graphdef, state, config) of the autoencoder at `path`: loaded once per process, shared by the
+    decoder and the encoder."""
+    model, ae_config = load_autoencoder(path, dtype)
     graphdef, state = nnx.split(model)
+    return graphdef, state, ae_config
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder(path: str, dtype: str, chunk: int):
+    graphdef, state, _ = _autoencoder(path, dtype)
 
     def decode(state, z):
         model = nnx.merge(graphdef, state)
@@ -161,6 +169,39 @@ def decoder(config: ml_collections.ConfigDict):
     float32 [n, h*f, w*f, 3], about in [-1, 1], config.latent.decode_batch_size at a time; pure,
     for jit and shard_map. `state`: the weights of the autoencoder at autoencoder_path(config)."""
     return _decoder(*_decoder_key(config))
+
+
+def autoencoder_config(config: ml_collections.ConfigDict) -> ae_lib.AutoencoderKLConfig:
+    """The AutoencoderKLConfig at autoencoder_path(config) (its factor, channels, scaling)."""
+    return _autoencoder(*_decoder_key(config)[:2])[2]
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder(path: str, dtype: str, chunk: int):
+    graphdef, state, ae_config = _autoencoder(path, dtype)
+    shift = 0.0 if ae_config.shift_factor is None else float(ae_config.shift_factor)
+    scale = float(ae_config.scaling_factor)
+
+    def encode(state, x):
+        model = nnx.merge(graphdef, state)
+        # Training draws (mean + std * eps - shift) * scale (data/latents.py, SampleLatent): its
+        # expectation, the posterior mean normalised the same way, is the one latent of an image.
+        return parallel.map_in_chunks(lambda v: (model.encode(v)[0] - shift) * scale, x, chunk)
+
+    return jax.jit(encode), state
+
+
+def encode_images(config: ml_collections.ConfigDict, images: jax.Array) -> jax.Array:
+    """Images float [n, H, W, C] in [-1, 1] -> the latents training sees, float32 [n, H/f, W/f, c]:
+    the posterior mean, (mean - shift_factor) * scaling_factor as data/latents.py normalises the
+    cached posteriors, config.latent.encode_batch_size images at a time, on one device (the
+    upsample mode's inputs; caching a dataset is cache_latents)."""
+    path, dtype, _ = _decoder_key(config)
+    chunk = int(config.latent.encode_batch_size)
+    if chunk <= 0:
+        raise ValueError(f"config.latent.encode_batch_size={chunk} must be positive")
+    encode, state = _encoder(path, dtype, chunk)
+    return encode(state, jnp.asarray(images, jnp.float32))
 
 
 @functools.lru_cache(maxsize=4)

@@ -360,7 +360,7 @@ def test_upsample_split_inputs_are_the_models_own_down_of_the_split():
     config = tiny_config(**{"pyramid.sigmas": (0.13, 0.44), "upsample.samples_per_image": 1,
                             "upsample.batch_size": 3, "upsample.split": "test", "upsample.num_images": 3,
                             "sample.steps": 2})
-    low, names, originals = upsample.split_inputs(config, "test", (0.13, 0.44))
+    low, names, originals = upsample.split_inputs(config, "test")
     truth, _ = pipeline.read_split(config.data, "test", 3)
     assert low.dtype == originals.dtype == np.uint8 and names[0] == "test00000"
     assert originals.shape == truth.shape and low.shape == (3, truth.shape[1] // 2, truth.shape[2] // 2, truth.shape[3])

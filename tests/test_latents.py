@@ -208,8 +208,8 @@ def test_config_and_resume_errors(world, straight):
 @pytest.mark.slow
 def test_commands_end_to_end(world, straight, tmp_path):
     """The real commands in fresh processes: caching stopped by --max_shards and resumed (same bytes
-    as the in-process run), then `python -m lapflow_jax.main` training 3 steps in latent mode and
-    writing samples decoded to 16x16 images."""
+    as the in-process run), then `python -m lapflow_jax.main` training 3 steps in latent mode,
+    writing samples decoded to 16x16 images, and upsampling 8x8 images from the checkpoint."""
     config, _ = straight
     cache_dir = tmp_path / "latents"
     cfg_file = write_config(world, "cli", cache_dir)
@@ -235,6 +235,18 @@ def test_commands_end_to_end(world, straight, tmp_path):
     # 4 decoded 16x16 images in a 2x2 grid with 1 px gaps (8x8 latents would give 17x17).
     assert grid.shape == (33, 33, 3)
     assert grid.std() > 1.0  # decoded, not blank
+
+    # The upsample mode on that checkpoint: 8x8 RGB inputs -> 16x16, conditioned on their latents.
+    np.savez(tmp_path / "low.npz", images=np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8))
+    result = subprocess.run(cmd + ["--mode=upsample", f"--config.upsample.input={tmp_path / 'low.npz'}",
+                                   "--config.upsample.samples_per_image=2", "--config.upsample.batch_size=2"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((workdir / "upsampled" / "step0000003" / "summary.json").read_text())
+    assert summary["latent"] and summary["factor"] == 2 and summary["max_latent_consistency_error"] <= 1e-5
+    assert summary["max_consistency_error_uint8_levels"] == 0.0 and summary["mean_decoded_consistency_error"] > 0
+    with np.load(workdir / "upsampled" / "step0000003" / "upsampled.npz") as f:
+        assert f["samples"].shape == (2, 2, 16, 16, 3)
 
 
 @pytest.mark.slow
