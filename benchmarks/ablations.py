@@ -50,7 +50,7 @@ MODELS = {
     "baseline": (1, {}, "compute"),
     "lapflow2": (2, {}, "compute"),
     "lapflow3": (3, {}, "compute"),
-    "lapflow4": (4, {"model.patch_sizes": (8, 8, 8, 4)}, "compute"),
+    "lapflow4": (4, {}, "compute"),   # quality.patch_sizes: 8, 8, 8, 4
     "lapflow2_mask-full": (2, {"model.attention_mask": "full"}, "compute"),
     "lapflow2_mask-self": (2, {"model.attention_mask": "self"}, "compute"),
     "lapflow2_T0.1": (2, {"window_starts": (0.1, 0.0)}, "compute"),
@@ -98,10 +98,10 @@ def model_config(args, name: str, seed: int):
     """quality.py's config for `name` (its scales, its overrides) at its training budget."""
     scales, overrides, budget = MODELS[name]
     qargs = quality.parse_args([f"--steps={args.steps}", f"--eval_every={args.steps}", f"--data_dir={args.data_dir}"])
-    patches = overrides.get("model.patch_sizes", (qargs.patch,) * scales)
     base_tokens = quality.training_tokens(1, qargs.patch, 32)
     if budget == "compute":
-        steps = math.ceil(args.steps * base_tokens / quality.training_tokens(scales, patches, 32))
+        steps = math.ceil(args.steps * base_tokens /
+                          quality.training_tokens(scales, quality.patch_sizes(qargs.patch, scales), 32))
     else:  # lapflow2's steps
         steps = math.ceil(args.steps * base_tokens / quality.training_tokens(2, qargs.patch, 32))
     c = quality.make_config(qargs, scales, seed, steps)

@@ -113,6 +113,12 @@ def training_tokens(num_scales: int, patch, image_size: int) -> float:
     return sum(sum(tokens[f:]) for f in range(num_scales)) / num_scales
 
 
+def patch_sizes(patch: int, num_scales: int, image_size: int = 32) -> tuple[int, ...]:
+    """`patch` at every scale, except where a coarse scale is smaller than it (4 scales of 32 px:
+    the 4 px scale takes patch 4)."""
+    return tuple(min(patch, image_size >> k) for k in range(num_scales))
+
+
 def make_config(args, num_scales: int, seed: int, steps: int):
     from lapflow_jax.config import base_config
 
@@ -124,7 +130,7 @@ def make_config(args, num_scales: int, seed: int, steps: int):
     c.model.hidden_size = args.width
     c.model.depth = args.depth
     c.model.num_heads = args.heads
-    c.model.patch_sizes = (args.patch,) * num_scales
+    c.model.patch_sizes = patch_sizes(args.patch, num_scales)
     c.model.conditional = True
     c.model.class_dropout = 0.1
     c.data.name = "fashion_mnist"
