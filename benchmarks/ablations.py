@@ -193,13 +193,7 @@ def main(argv=None):
         (Path(args.out) / "ablations.md").write_text(text + "\n")
         print(text)
         return
-    quality.check_data(args.data_dir)
-    import os
-
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
+    quality.start_run(args.data_dir)
     train_all(args)
 
 

@@ -339,11 +339,7 @@ def main(argv=None):
         return
     from benchmarks import quality
 
-    quality.check_data(args.data_dir)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
+    quality.start_run(args.data_dir)
     score(args)
 
 

@@ -104,6 +104,16 @@ def check_data(data_dir: str) -> None:
                  f"(Debian/Ubuntu; 30 MB, MIT), or pass --data_dir=FOLDER holding the four idx files.")
 
 
+def start_run(data_dir: str) -> None:
+    """What every Fashion-MNIST study script does before JAX starts: the data is there, the CPU
+    unless JAX_PLATFORMS says otherwise, absl flags parsed (the training loop logs through absl)."""
+    check_data(data_dir)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+
+
 def training_tokens(num_scales: int, patch, image_size: int) -> float:
     """Tokens the model sees per training image, averaged over the equal-size training stages
     (stage f feeds scales f..L-1, i.e. scale f and everything coarser). patch: one size for
@@ -361,13 +371,9 @@ def plot_curves(results: dict, floor: dict, path: Path) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    check_data(args.data_dir)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    start_run(args.data_dir)
     import jax
     import numpy as np
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
     from lapflow_jax import cli, generate
 
     cli.setup_console(verbose=False)  # the training loops' progress lines, without other libraries' INFO
