@@ -9,8 +9,8 @@ is needed: the programs are compiled for the topologies' devices on this host.
 
 Cells: B/2 and XL/2 (32x32x4 latents, patch 2, 1000 classes), at 1 (DiT), 2 and 3 scales, on
 v5e:8x8 (v5e-64: 64 chips, 16 GiB), v5p:4x4x4 (v5p-128: 64 chips, 95 GiB) and v6e:16x16 (v6e-256:
-256 chips, 32 GiB), in three modes: DP (mesh chips x 1), FSDP (chips x 1, config.fsdp) and
-FSDP + TP (chips/4 x 4, config.fsdp). Every model is bfloat16 with full remat, scanned layers and
+256 chips, 32 GiB), in three modes: DP (mesh chips x 1, with the B/2 config's ZeRO-1,
+config.zero1), FSDP (chips x 1, config.fsdp) and FSDP + TP (chips/4 x 4, config.fsdp). Every model is bfloat16 with full remat, scanned layers and
 splash attention (the configs of configs/imagenet256_*; remat and scan set here).
 
 Per cell: the train step at the paper's global batch, 256 (a 3-scale batch must split into three
