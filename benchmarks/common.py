@@ -216,12 +216,14 @@ def synthetic_setup(config, spec: ModelSpec):
                                                   rngs=nnx.Rngs(0)))
     tx, schedule = train.make_optimizer(config.train)
     L = config.num_scales
+    specs = parallel.param_specs(abstract, parallel.logical_rules(config.fsdp))
+    abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     return train.Setup(
         config=config, image_shape=image_shape, num_classes=spec.num_classes,
         stage_sizes=paths.stage_batch_sizes(config.train.global_batch_size, config.train.stage_fractions, L),
         scale_weights=(1.0,) * L, path=paths.MultiScalePath(tuple(config.window_starts), config.path_kind),
-        mesh=mesh, graphdef=nnx.split(abstract)[0],
-        param_specs=parallel.param_specs(abstract, parallel.logical_rules(config.fsdp)), tx=tx, schedule=schedule)
+        mesh=mesh, graphdef=nnx.split(abstract)[0], param_specs=specs,
+        update_specs=train.update_specs(config, abstract_params, specs, mesh), tx=tx, schedule=schedule)
 
 
 def prepare_training(spec: ModelSpec, window_starts: Sequence[float], *, batch: int):

@@ -9,8 +9,8 @@ is needed: the programs are compiled for the topologies' devices on this host.
 
 Cells: B/2 and XL/2 (32x32x4 latents, patch 2, 1000 classes), at 1 (DiT), 2 and 3 scales, on
 v5e:8x8 (v5e-64: 64 chips, 16 GiB), v5p:4x4x4 (v5p-128: 64 chips, 95 GiB) and v6e:16x16 (v6e-256:
-256 chips, 32 GiB), in three modes: DP (mesh chips x 1), FSDP (chips x 1, config.fsdp) and
-FSDP + TP (chips/4 x 4, config.fsdp). Every model is bfloat16 with full remat, scanned layers and
+256 chips, 32 GiB), in three modes: DP (mesh chips x 1, with the B/2 config's ZeRO-1,
+config.zero1), FSDP (chips x 1, config.fsdp) and FSDP + TP (chips/4 x 4, config.fsdp). Every model is bfloat16 with full remat, scanned layers and
 splash attention (the configs of configs/imagenet256_*; remat and scan set here).
 
 Per cell: the train step at the paper's global batch, 256 (a 3-scale batch must split into three
@@ -22,6 +22,12 @@ a probe, e.g. 15.75 of v5e's 16 GiB; the nominal HBM otherwise): an estimate fro
 printed with what the second compile showed (that batch fits, or was refused). A compile costs
 40-160 s here, so the searches stop at two (MAX_PROBES; more narrows the bracket). A stored cell
 with fewer probes than MAX_PROBES and SEARCH_SCALES ask for is continued, not redone.
+
+The paper-batch compile also predicts the step time (the compile check's roofline: compute, HBM
+bytes from two more compiles at depth 1 and 2, collectives over the topology's links): the table's
+bounds (everything overlapped .. nothing), MFU range and binding term. A stored cell without them
+(measured before they existed, on older code) is measured again whole, so an interrupted
+regeneration resumes where it stopped.
 Results go to benchmarks/results/tpu_capacity.jsonl, one line per cell.
 """
 
@@ -93,15 +99,18 @@ def first_batch(unit: int) -> int:
     return max(unit, round(PAPER_BATCH / unit) * unit)
 
 
-def probe(cell, batch: int) -> dict:
+def probe(cell, batch: int, *, step_time: bool = False) -> dict:
+    """One compile of the cell's train step at `batch`; with step_time, also its predicted time
+    (the compile check's roofline: two more compiles, at depth 1 and 2, for the HBM bytes)."""
     config = make_config(cell["preset"], cell["scales"], mesh_shape=cell["mesh"], fsdp=cell["fsdp"], batch=batch)
     report = compile_check.check(config, cell["topology"], sampling_programs=False, num_classes=1000,
-                                 count_flops=False, log=lambda *_: None)
+                                 count_flops=step_time, log=lambda *_: None)
     step = report.programs[0]
     out = dict(batch=batch, fits=step.fits, total=step.total, arguments=step.arguments,
                temporaries=step.temporaries, compile_seconds=round(step.compile_seconds, 1), hbm=step.hbm,
                usable=step.out_of_memory[1] if step.out_of_memory else None,
-               collectives={c.kind: [c.count, c.bytes] for c in step.collectives})
+               collectives={c.kind: [c.count, c.bytes] for c in step.collectives},
+               step_time=step.step_time.as_dict() if step.step_time else None)
     print(f"  {key(cell)} batch {batch}: {step.total / GIB:.2f} GiB {'fits' if step.fits else 'does NOT fit'} "
           f"({step.compile_seconds:.0f} s)", flush=True)
     return out
@@ -115,7 +124,7 @@ def measure(cell, probes: list[dict] | None = None) -> dict:
     compile_check.topology_devices(cell["topology"])  # a missing TPU compiler stops here, not below
     if not probes:
         try:
-            probes = [probe(cell, batch)]
+            probes = [probe(cell, batch, step_time=True)]
         except ValueError as e:  # a mesh the model cannot be sharded on: say why, do not guess
             return dict(result, error=str(e).splitlines()[0])
     while len(probes) < (MAX_PROBES if cell["scales"] in SEARCH_SCALES else 1):
@@ -188,6 +197,12 @@ def unfinished(result: dict) -> bool:
             and next_batch(result["probes"], result["unit"]) is not None)
 
 
+def stale(result: dict) -> bool:
+    """A stored cell measured before the table had predicted step times: measured again whole
+    (the step it compiled is older code too)."""
+    return "error" not in result and "step_time" not in result["at_paper_batch"]
+
+
 def load() -> dict[str, dict]:
     if not RESULTS.exists():
         return {}
@@ -203,6 +218,15 @@ def error_text(result: dict) -> str:
     return result["error"][:90]
 
 
+def predicted(step_time: dict | None) -> str:
+    """The step-time columns: bounds (everything overlapped .. nothing), MFU range, binding term."""
+    if not step_time:
+        return "- | - | -"
+    t = step_time
+    return (f"{1e3 * t['lower_s']:,.1f} .. {1e3 * t['upper_s']:,.1f} | {100 * t['mfu_low']:.1f}% .. "
+            f"{100 * t['mfu_high']:.1f}% | {t['bound_by']}")
+
+
 def table(results: dict[str, dict]) -> str:
     lines = []
     for topology, chips in TOPOLOGIES.items():
@@ -212,8 +236,8 @@ def table(results: dict[str, dict]) -> str:
         hbm = next((r["at_paper_batch"]["hbm"] for r in rows if "at_paper_batch" in r), 0) / GIB
         lines += [f"**{topology}** ({chips} chips, {hbm:.0f} GiB HBM each)", "",
                   "| model | scales | mode | mesh | batch | state GiB | temporaries GiB | total GiB per chip | "
-                  "largest batch that fits (estimate; probe) | compile s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "largest batch that fits (estimate; probe) | predicted step ms | MFU | bound by | compile s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for cell in cells():
             r = results.get(key(cell))
             if cell["topology"] != topology or r is None:
@@ -221,7 +245,7 @@ def table(results: dict[str, dict]) -> str:
             head = f"| {cell['preset']}/2 | {cell['scales']}{' (DiT)' if cell['scales'] == 1 else ''} | " \
                    f"{cell['mode']} | {cell['mesh'][0]}x{cell['mesh'][1]} |"
             if "error" in r:
-                lines.append(f"{head} - | - | - | - | {error_text(r)} | - |")
+                lines.append(f"{head} - | - | - | - | {error_text(r)} | - | - | - | - |")
                 continue
             p = r["at_paper_batch"]
             if p["fits"]:
@@ -233,7 +257,8 @@ def table(results: dict[str, dict]) -> str:
                 largest = "none"  # even the smallest batch that splits over 'data' is refused
             seen = [f"{p['batch']:,} {'fits' if p['fits'] else 'refused'}" for p in r["probes"][1:]]
             largest += f" ({', '.join(seen)})" if seen else ""
-            lines.append(f"{head} {p['batch']} | {memory} | {largest} | {p['compile_seconds']:.0f} |")
+            lines.append(f"{head} {p['batch']} | {memory} | {largest} | {predicted(p.get('step_time'))} | "
+                         f"{p['compile_seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -254,13 +279,15 @@ def main():
         cell = next(c for c in cells() if key(c) == args.cell)
         start = time.perf_counter()
         stored = load().get(args.cell, {})
-        result = dict(measure(cell, stored.get("probes")), seconds=round(time.perf_counter() - start, 1))
+        probes = None if not stored or stale(stored) else stored.get("probes")
+        result = dict(measure(cell, probes), seconds=round(time.perf_counter() - start, 1))
         with RESULTS.open("a") as f:
             f.write(json.dumps(result) + "\n")
         return
     for i, cell in enumerate(cells()):
         stored = load().get(key(cell))
-        if i % args.workers != args.worker or args.only not in key(cell) or (stored and not unfinished(stored)):
+        if i % args.workers != args.worker or args.only not in key(cell) or (
+                stored and not unfinished(stored) and not stale(stored)):
             continue
         print(f"{key(cell)}, mesh {cell['mesh']}:", flush=True)
         # One process per cell: a compiler crash (libtpu has segfaulted on one cell here) is

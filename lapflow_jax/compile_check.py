@@ -501,7 +501,8 @@ def compile_sampling(setup: train.Setup, hbm: float, *, log=print) -> list[Progr
     config, mesh = setup.config, setup.mesh
     batch = train.sample_batch_size(setup)
     shardings, abstract = train.state_shardings(setup)
-    params = ckpt_lib.abstract_with_shardings(abstract.ema_params, shardings.ema_params)
+    # Sampling takes the EMA in the parameters' layout (train.sampling_params gathers ZeRO-1's split).
+    params = ckpt_lib.abstract_with_shardings(abstract.ema_params, shardings.params)
     data_sharding = parallel.batch_sharding(mesh)
     labels = (jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data_sharding) if setup.num_classes > 0
               else None)

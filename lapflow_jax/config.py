@@ -185,6 +185,10 @@ def base_config() -> ml_collections.ConfigDict:
     # ...in groups of this many chips (0: the largest divisor of mesh_shape[0] up to 32), data
     # parallel across groups: libtpu compiles a weight all-gather over 64+ chips as an all-reduce.
     c.fsdp_group = 0
+    # ZeRO-1, without FSDP on a data-parallel axis of several chips: the optimizer update, the
+    # AdamW moments and the EMA are split over the data-parallel chips (parameters stay whole), so
+    # each chip updates 1/data of them (parallel.zero1_specs). Checkpoints restore either way.
+    c.zero1 = False
     # Slices the global batch is read as (parallel.InputShards); 0: one per group of hosts holding
     # distinct rows. Fix it (e.g. to the largest host count) to make every step's batch the same
     # on any number of hosts.

@@ -68,6 +68,7 @@ from lapflow_jax import generate as generate_lib
 from lapflow_jax import metrics as metrics_lib
 from lapflow_jax import parallel
 from lapflow_jax import sample as sample_lib
+from lapflow_jax import train as train_lib
 from lapflow_jax.data import pipeline, sources
 from lapflow_jax.evaluation import frechet, inception_score, precision_recall, streaming, swd
 from lapflow_jax.evaluation import networks as networks_lib
@@ -560,7 +561,7 @@ def evaluate_in_training(setup, state, workdir: str | epath.Path, step: int) -> 
     networks = load_networks(metrics, ev)
     num = int(ev.train_num_samples)
     reference = reference_from_config(config, num, workdir / "eval", metrics)
-    params = state.ema_params if config.sample.use_ema else state.params
+    params = train_lib.sampling_params(setup, state)
     samples = samples_from_model(config, setup, params, np.asarray(state.sigmas), seed=config.seed + 13, step=step,
                                  keep_images="swd" in metrics)
     result = evaluate_samples(config, setup.mesh, samples, reference, networks, metrics=metrics, num=num,

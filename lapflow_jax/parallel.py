@@ -16,6 +16,9 @@ numbers, (data parallel, model); `make_mesh` splits the first into ('data', 'fsd
   all-gather over 64 or more chips as an all-reduce of a zero-padded buffer, twice the wire time
   (measured: tests/test_compile_check.py::test_fsdp_over_64_chips_gathers); across groups the
   gradients are summed as in plain data parallelism.
+- ZeRO-1 (config.zero1, without FSDP): parameters stay replicated for the forward and backward
+  pass, but the optimizer update, the AdamW moments and the EMA are split over every chip of the
+  data-parallel axis (`zero1_specs`); the new parameters are all-gathered at the end of the step.
 
 Multi-host: every process runs the same program. The global batch is read as `input_shards`
 equal slices by Grain iterators, one per shard; each process reads the shards whose rows its
@@ -220,6 +223,34 @@ def specs_like_params(tree: Any, params_specs: Any) -> Any:
         return P()
 
     return jax.tree_util.tree_map_with_path(lookup, tree)
+
+
+def zero1_specs(abstract_params: Any, specs: Any, mesh: Mesh) -> Any:
+    """ZeRO-1: where the optimizer update runs and its state (AdamW moments, EMA) lives when the
+    parameters themselves are not split over the data-parallel chips (no FSDP).
+
+    Each parameter's spec with BATCH_AXES added to the dimension whose per-chip length is largest
+    among those that still divide by the data-parallel chips (the first such if several tie; a
+    dimension tensor parallelism splits over 'model' keeps that split and is split further); a
+    parameter without one (a bias of odd width, a scalar) keeps its spec. Each chip then updates
+    its 1/data of the parameters and holds that much of their moments and EMA, instead of all of
+    them: the update's HBM traffic and the state shrink by the data-parallel factor, and the
+    gradient all-reduce becomes a reduce-scatter plus an all-gather of the new parameters.
+    """
+    n = data_size(mesh)
+
+    def split(leaf, spec):
+        entries = [(a,) if isinstance(a, str) else tuple(a or ()) for a in spec]
+        entries += [()] * (len(leaf.shape) - len(entries))
+        local = [dim // int(np.prod([mesh.shape[a] for a in axes])) for dim, axes in zip(leaf.shape, entries)]
+        free = [i for i, size in enumerate(local) if size % n == 0]
+        if n == 1 or not free:
+            return spec
+        best = max(free, key=lambda i: (local[i], -i))
+        entries[best] += BATCH_AXES
+        return P(*[None if not e else e[0] if len(e) == 1 else e for e in entries])
+
+    return jax.tree.map(split, abstract_params, specs)
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

@@ -85,7 +85,7 @@ def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str | epath
     shardings, abstract = train_lib.state_shardings(setup)
     state = checkpointer.restore_state(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
     checkpointer.close()
-    params = state.ema_params if config.sample.use_ema else state.params
+    params = train_lib.sampling_params(setup, state)
     return setup, step, params, np.asarray(state.sigmas)
 
 

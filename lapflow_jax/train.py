@@ -80,8 +80,16 @@ class Setup:
     mesh: jax.sharding.Mesh
     graphdef: nnx.GraphDef
     param_specs: Any
+    # Where the optimizer update runs and its state and the EMA live: param_specs, or with ZeRO-1
+    # (config.zero1) each parameter split over the data-parallel chips (parallel.zero1_specs).
+    update_specs: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
+
+    @property
+    def zero1(self) -> bool:
+        """ZeRO-1 in effect (`update_specs` is the split, not the parameters' own specs)."""
+        return self.update_specs is not self.param_specs
 
 
 def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None, *,
@@ -102,13 +110,23 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
     graphdef, _ = nnx.split(abstract_model)
     tx, schedule = make_optimizer(config.train)
     weights = tuple(config.train.scale_weights or (1.0,) * config.num_scales)
+    abstract_params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
     specs = parallel.param_specs(abstract_model, parallel.logical_rules(config.fsdp))
     # Before anything compiles: every sharded dimension divides by its mesh axis.
-    parallel.check_divisible(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)), specs, mesh,
-                             num_heads=abstract_model.num_heads)
+    parallel.check_divisible(abstract_params, specs, mesh, num_heads=abstract_model.num_heads)
     return Setup(config=config, image_shape=image_shape, num_classes=num_classes, stage_sizes=stage_sizes,
                  scale_weights=weights, path=paths.MultiScalePath(tuple(config.window_starts), config.path_kind),
-                 mesh=mesh, graphdef=graphdef, param_specs=specs, tx=tx, schedule=schedule)
+                 mesh=mesh, graphdef=graphdef, param_specs=specs,
+                 update_specs=update_specs(config, abstract_params, specs, mesh), tx=tx, schedule=schedule)
+
+
+def update_specs(config: ml_collections.ConfigDict, abstract_params: Any, param_specs: Any,
+                 mesh: jax.sharding.Mesh) -> Any:
+    """Setup.update_specs: ZeRO-1's split where config.zero1 asks for it and the parameters are
+    replicated over several data-parallel chips (no FSDP), else the parameters' own specs."""
+    if config.get("zero1", False) and not config.fsdp and parallel.data_size(mesh) > 1:
+        return parallel.zero1_specs(abstract_params, param_specs, mesh)
+    return param_specs
 
 
 def _init_state(setup: Setup, sigmas: jax.Array) -> TrainState:
@@ -121,8 +139,8 @@ def _init_state(setup: Setup, sigmas: jax.Array) -> TrainState:
 
 def state_shardings(setup: Setup) -> TrainState:
     abstract = jax.eval_shape(functools.partial(_init_state, setup), jnp.ones((setup.config.num_scales,)))
-    specs = TrainState(step=P(), params=setup.param_specs, ema_params=setup.param_specs,
-                       opt_state=parallel.specs_like_params(abstract.opt_state, setup.param_specs), sigmas=P())
+    specs = TrainState(step=P(), params=setup.param_specs, ema_params=setup.update_specs,
+                       opt_state=parallel.specs_like_params(abstract.opt_state, setup.update_specs), sigmas=P())
     return parallel.named(setup.mesh, specs), abstract
 
 
@@ -139,6 +157,7 @@ def make_train_step(setup: Setup):
     base_rng = jax.random.key(cfg.seed)
     decay = cfg.train.ema_decay
     rules = parallel.logical_rules(cfg.fsdp)
+    update_shardings = parallel.named(setup.mesh, setup.update_specs)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         # The model pins its key activations by logical names while it traces in here.
@@ -160,8 +179,14 @@ def make_train_step(setup: Setup):
                                             setup.scale_weights)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = state.params
+        if setup.zero1:
+            # Each chip updates its split of the parameters (taking its slice of the replicated
+            # ones costs nothing, the gradients may arrive reduce-scattered); out_shardings then
+            # gathers the new parameters whole.
+            params, grads = jax.lax.with_sharding_constraint((params, grads), (update_shardings,) * 2)
+        updates, opt_state = setup.tx.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         metrics.update(grad_norm=optax.global_norm(grads), learning_rate=setup.schedule(state.step),
                        nonfinite_consecutive=opt_state.notfinite_count,
@@ -386,10 +411,21 @@ def sample_batch_size(setup: Setup) -> int:
                                  setup.config.sample.get("rows_per_call", 0))
 
 
+def sampling_params(setup: Setup, state: TrainState) -> Any:
+    """The weights samples are drawn with (the EMA with config.sample.use_ema), in the parameters'
+    layout: under ZeRO-1 the EMA is split over the data-parallel chips, and gathering it once here
+    keeps the gather out of every sampling step."""
+    if not setup.config.sample.use_ema:
+        return state.params
+    if not setup.zero1:
+        return state.ema_params
+    return jax.jit(lambda p: p, out_shardings=parallel.named(setup.mesh, setup.param_specs))(state.ema_params)
+
+
 def write_samples(setup: Setup, state: TrainState, workdir: epath.Path, writer, step: int) -> str | None:
     """Samples a grid (EMA weights by default), saves it as PNG and to TensorBoard (process 0)."""
     cfg = setup.config
-    params = state.ema_params if cfg.sample.use_ema else state.params
+    params = sampling_params(setup, state)
     rng = jax.random.fold_in(jax.random.key(cfg.seed + 7), step)
     t0 = time.perf_counter()
     # Sampled on the training mesh (params stay sharded, noise is made on the devices).

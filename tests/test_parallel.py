@@ -6,6 +6,7 @@ Uses the 8 fake CPU devices of conftest.py.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,9 @@ LOSS_RTOL = 1e-5
 # 8x1, every parameter above 0.7.
 SGD_LR = 0.05
 UPDATE_RTOL = 1e-4
+# EMA values (order 1) after the same steps sharded and on one device: measured 6.0e-8
+# with ZeRO-1 (see the print).
+EMA_ATOL = 1e-6
 
 
 def make_config(**overrides):
@@ -212,6 +216,134 @@ def test_scan_and_remat_on_fsdp_mesh_equal_unrolled_one_device(batches, referenc
     state, losses, _ = run_steps(setup, state, batches)
     check_shardings(state, setup.mesh, fsdp=True, layers=True)
     assert_close(state, init, ref_state, losses, ref_losses, convert=mot.unstack_blocks)
+
+
+# --- ZeRO-1 (config.zero1): AdamW moments and EMA split over the data-parallel chips ------------
+
+# Written out by hand for the test model on mesh (8, 1): the largest per-chip
+# dimension that divides by 8 takes ('data', 'fsdp'), after 'model' where tensor parallelism
+# already splits it; widths of 4 (the final layer's output) do not divide and stay replicated.
+ZERO1 = ("data", "fsdp")
+ZERO1_SPECS = {
+    "blocks/0/qkv/kernel": P(None, None, ("model",) + ZERO1),     # [scale, 32, 96]
+    "blocks/0/out/kernel": P(None, ("model",) + ZERO1, None),     # [scale, 32 (heads), 32]
+    "blocks/0/out/bias": P(None, ZERO1),
+    "time_mlp_in/kernel": P(ZERO1, None),                         # [256, 32]
+    "final_linear/1/kernel": P(ZERO1, None),                      # [32, 4]
+    "final_linear/1/bias": P(None),                               # [4]: replicated
+}
+
+
+def pieces(leaf) -> set:
+    """The distinct pieces of an array its devices hold, as (start, stop) per dimension."""
+    return {tuple((i.start, i.stop) for i in shard.index) for shard in leaf.addressable_shards}
+
+
+def check_zero1_shardings(state, mesh, whole: int):
+    """Parameters where the rules put them (replicated over the data axis); EMA and both Adam
+    moments split over every data-parallel chip: a chip holds 1/data of its share of the
+    parameter, and the data-parallel chips hold different pieces; `whole` leaves (no dimension
+    divides) are placed as their parameter."""
+    n = parallel.data_size(mesh)
+    params, ema = by_path(state.params), by_path(state.ema_params)
+    for name, spec in expected_specs(fsdp=False).items():
+        assert params[name].sharding == NamedSharding(mesh, spec), (name, params[name].sharding.spec)
+    for name, spec in ZERO1_SPECS.items() if parallel.mesh_shape(mesh) == (8, 1) else ():
+        assert ema[name].sharding == NamedSharding(mesh, spec), (name, ema[name].sharding.spec, spec)
+    # by_path spells optax's named-tuple fields ".mu/" and ".nu/".
+    moments = [(k, v) for k, v in by_path(state.opt_state).items() if ".mu/" in k or ".nu/" in k]
+    assert len(moments) == 2 * len(params)
+    split = 0
+    for key, leaf in [(".ema/" + k, v) for k, v in ema.items()] + moments:
+        param = params[re.split(r"\.(?:mu|nu|ema)/", key)[-1]]
+        local = param.addressable_shards[0].data.shape
+        if any(d % n == 0 for d in local):
+            assert leaf.addressable_shards[0].data.size * n == np.prod(local), (key, leaf.sharding.spec)
+            assert len(pieces(leaf)) == n * len(pieces(param)), (key, leaf.sharding.spec)
+            split += 1
+        else:
+            assert leaf.sharding.spec == param.sharding.spec, key
+    assert split == 3 * len(params) - whole, split
+
+
+# (mesh, EMA and moment leaves that stay whole): on 8 chips the final layer's two 4-wide biases
+# (EMA, mu, nu each); on (4, 2) every leaf splits.
+ZERO1_MESHES = [((8, 1), 6), ((4, 2), 0)]
+
+
+@pytest.mark.parametrize("shape,whole", ZERO1_MESHES)
+def test_zero1_state_shardings(shape, whole):
+    """config.zero1 places the AdamW moments and the EMA split over the data-parallel chips and
+    the parameters as without it (zeros placed: nothing compiles); FSDP or one data-parallel chip
+    turns it off."""
+    setup = setup_on(make_config(zero1=True), shape)
+    assert setup.zero1
+    shardings, abstract = train.state_shardings(setup)
+    state = jax.device_put(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract), shardings)
+    check_zero1_shardings(state, setup.mesh, whole)
+    assert not setup_on(make_config(zero1=True, fsdp=True), shape).zero1
+    assert not setup_on(make_config(zero1=True), (1, 8)).zero1
+
+
+def adamw_steps(setup, init, batches):
+    """The real optimizer (clipping + AdamW) from `init`, and the EMA: the state after the steps."""
+    host = init.replace(opt_state=jax.device_get(setup.tx.init(init.params)))
+    return run_steps(setup, placed(setup, host), batches)
+
+
+@pytest.mark.slow
+def test_zero1_adamw_steps_equal_one_device(batches, reference):
+    """Three AdamW steps with ZeRO-1 on (8, 1) equal one device's: losses, parameters and EMA
+    (each leaf's change from the initial state, relative to its size), with the moments and EMA
+    split over the data axis before and after."""
+    init = reference[0]
+    data = batches + batches[:1]
+    one = train.make_setup(make_config(), parallel.make_mesh((1, 1), jax.devices()[:1]))
+    ref_state, ref_losses, _ = adamw_steps(one, init, data)
+    setup = setup_on(make_config(zero1=True), (8, 1))
+    state, losses, step = adamw_steps(setup, init, data)
+    check_zero1_shardings(state, setup.mesh, whole=6)
+    assert step._cache_size() == 1
+    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+    ref_state = jax.device_get(ref_state)
+    errors = update_errors(state, init, ref_state)
+    worst = max(errors, key=errors.get)
+    # The EMA moves by a tenth of the parameters' steps, so its change is compared in absolute
+    # terms: float32 rounding of values of order 1 (EMA_ATOL).
+    ema_error = max(float(np.abs(np.asarray(a) - b).max())
+                    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ref_state.ema_params)))
+    print(f"losses {losses} vs {ref_losses}; largest relative update error {errors[worst]:.2e} ({worst}); "
+          f"largest EMA difference {ema_error:.2e}")
+    assert errors[worst] < UPDATE_RTOL, (worst, errors[worst])
+    assert ema_error < EMA_ATOL
+
+
+@pytest.mark.slow
+def test_zero1_checkpoint_round_trip(tmp_path, batches):
+    """A ZeRO-1 state saved after one step restores with the same values and shardings (the
+    moments and EMA split again), and the next step from it equals the uninterrupted run's."""
+    config = make_config(zero1=True)
+    setup = setup_on(config, (8, 1))
+    state, _, step = run_steps(setup, train.create_state(setup, np.asarray(config.pyramid.sigmas, np.float32)),
+                               batches[:1])
+    ckpt = ckpt_lib.Checkpointer(tmp_path, every_steps=1, keep=1, async_save=False)
+    data = parallel.make_input_shards(setup.mesh, lambda i, n: pipeline.make_train_iterator(
+        config.data, global_batch_size=16, seed=0, process_index=i, process_count=n))
+    ckpt.save(1, state, data, config, force=True)
+    ckpt.wait()
+    shardings, abstract = train.state_shardings(setup)
+    restored = ckpt.restore(1, ckpt_lib.abstract_with_shardings(abstract, shardings), data)
+    ckpt.close()
+    check_zero1_shardings(restored, setup.mesh, whole=6)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(restored)):
+        assert a.sharding == b.sharding, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    batch = parallel.global_batch(batches[1], setup.mesh)
+    resumed, resumed_metrics = step(restored, batch)
+    straight, straight_metrics = step(state, batch)
+    assert float(resumed_metrics["loss"]) == float(straight_metrics["loss"])
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_activation_constraints_are_in_the_program(batches):
