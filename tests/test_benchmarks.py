@@ -261,3 +261,4 @@ def test_ablation_table_orders_settings_as_the_paper_does_or_says_not(tmp_path):
     assert "| window start T | 0.1 | 5.12 | – | not scored |" in out     # unscored rows are shown as such
     assert "window start T |" not in out.split("paper's ordering reproduced")[1]   # and get no verdict
     assert (tmp_path / "ablations.md").read_text().strip() == out.strip()
+    assert ablations.ordering([("a", 1.0, None), ("b", 2.0, None)], [3.0, 4.0]) == "yes (one seed)"
