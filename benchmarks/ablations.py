@@ -131,11 +131,14 @@ def train_all(args) -> None:
         name, seed = workdir.name.rsplit("_seed", 1)
         config = model_config(args, name, int(seed))
         # Orbax names a checkpoint's folder by its step once the save is complete.
-        if (workdir / "checkpoints" / str(config.train.num_steps)).is_dir():
+        final = workdir / "checkpoints" / str(config.train.num_steps)
+        if final.is_dir():
             print(f"{workdir.name}: done ({config.train.num_steps} steps)", flush=True)
             continue
         t0 = time.perf_counter()
         train.train(config, str(workdir))
+        if not final.is_dir():  # the loop saved and returned on a stop signal: a rerun resumes
+            sys.exit(f"{workdir.name}: stopped before step {config.train.num_steps}; rerun to resume")
         print(f"{workdir.name}: {config.train.num_steps} steps in {time.perf_counter() - t0:.0f}s, "
               f"{quality.gflops_per_step(workdir):.2f} GFLOP/step", flush=True)
 
