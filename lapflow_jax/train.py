@@ -319,6 +319,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # The full table would fill the console: it goes to a file, the counts to one line.
         (workdir / "parameters.txt").write_text(param_table(setup, state.params) + "\n")
         logging.info("Parameters: %s; table in %s", param_summary(setup, state.params), workdir / "parameters.txt")
+        if setup.zero1:
+            # Says which parameters the split reached: one whose dimensions none divides by the
+            # chip count stays whole (and replicated) in the optimizer state and EMA too.
+            split = [s != p for s, p in zip(jax.tree.leaves(setup.update_specs), jax.tree.leaves(setup.param_specs))]
+            logging.info("ZeRO-1: optimizer state and EMA of %d of %d parameter arrays split over %d data-parallel "
+                         "chips", sum(split), len(split), parallel.data_size(setup.mesh))
 
     train_step = make_train_step(setup)
     step = int(state.step)

@@ -101,14 +101,18 @@ def config_with(**overrides):
 
 @pytest.mark.slow
 def test_two_processes_train_save_resume_equal_one_process(tmp_path):
+    # The two processes split the optimizer state and EMA over their 8 chips (ZeRO-1); the
+    # one-process reference keeps them whole, so this also checks that ZeRO-1 across hosts steps
+    # like whole state, and that its checkpoint restores into a run without it.
     work = tmp_path / "two"
-    logs = run_two_processes(work, **{"train.num_steps": 3})
+    logs = run_two_processes(work, **{"train.num_steps": 3, "zero1": True})
     assert all("process %d of 2, 4 local / 8 global devices" % i in logs[i] for i in range(2))
+    assert "split over 8 data-parallel chips" in logs[0], logs[0][-3000:]
     # Orbax wrote one checkpoint from both hosts; each host stored its own data iterator state.
     assert sorted(p.name for p in (work / "checkpoints" / "3" / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
     shutil.copytree(work, tmp_path / "two_then_one")
-    logs = run_two_processes(work, **{"train.num_steps": 6})
+    logs = run_two_processes(work, **{"train.num_steps": 6, "zero1": True})
     assert all("Resumed from step 3" in log for log in logs)
 
     # The reference: one process, the 8 devices of conftest.py, the same global batches.
