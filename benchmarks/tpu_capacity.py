@@ -26,7 +26,8 @@ with fewer probes than MAX_PROBES and SEARCH_SCALES ask for is continued, not re
 The paper-batch compile also predicts the step time (the compile check's roofline: compute, HBM
 bytes from two more compiles at depth 1 and 2, collectives over the topology's links): the table's
 bounds (everything overlapped .. nothing), MFU range and binding term. A stored cell without them
-(measured before they existed, on older code) is measured again whole, so an interrupted
+(measured before they existed, on older code), or an error stored then (a refusal or a compiler
+crash that the code since may have removed), is measured again whole, so an interrupted
 regeneration resumes where it stopped.
 Results go to benchmarks/results/tpu_capacity.jsonl, one line per cell.
 """
@@ -126,7 +127,7 @@ def measure(cell, probes: list[dict] | None = None) -> dict:
         try:
             probes = [probe(cell, batch, step_time=True)]
         except ValueError as e:  # a mesh the model cannot be sharded on: say why, do not guess
-            return dict(result, error=str(e).splitlines()[0])
+            return dict(result, error=str(e).splitlines()[0], format=RESULT_FORMAT)
     while len(probes) < (MAX_PROBES if cell["scales"] in SEARCH_SCALES else 1):
         guess = next_batch(probes, unit)
         if guess is None:
@@ -197,10 +198,18 @@ def unfinished(result: dict) -> bool:
             and next_batch(result["probes"], result["unit"]) is not None)
 
 
+# 2: cells measured with the predicted step time (a result with a step time, or an error stored
+# with format 2). Earlier cells are older code: an error among them may no longer hold (FSDP over
+# 256 chips was refused before FSDP groups existed), so they are measured again too.
+RESULT_FORMAT = 2
+
+
 def stale(result: dict) -> bool:
-    """A stored cell measured before the table had predicted step times: measured again whole
-    (the step it compiled is older code too)."""
-    return "error" not in result and "step_time" not in result["at_paper_batch"]
+    """A stored cell measured before RESULT_FORMAT (the table's predicted step times): measured
+    again whole, errors included."""
+    if "error" in result:
+        return result.get("format", 1) < RESULT_FORMAT
+    return "step_time" not in result["at_paper_batch"]
 
 
 def load() -> dict[str, dict]:
@@ -295,8 +304,9 @@ def main():
         proc = subprocess.run([sys.executable, __file__, f"--cell={key(cell)}"])
         if proc.returncode:
             with RESULTS.open("a") as f:
-                f.write(json.dumps(dict(cell, key=key(cell), error=f"the compile check exited with status "
-                                                                  f"{proc.returncode} (a crash)")) + "\n")
+                f.write(json.dumps(dict(cell, key=key(cell), format=RESULT_FORMAT,
+                                        error=f"the compile check exited with status {proc.returncode} (a crash)"))
+                        + "\n")
 
 
 if __name__ == "__main__":
