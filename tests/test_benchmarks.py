@@ -262,3 +262,16 @@ def test_ablation_table_orders_settings_as_the_paper_does_or_says_not(tmp_path):
     assert "window start T |" not in out.split("paper's ordering reproduced")[1]   # and get no verdict
     assert (tmp_path / "ablations.md").read_text().strip() == out.strip()
     assert ablations.ordering([("a", 1.0, None), ("b", 2.0, None)], [3.0, 4.0]) == "yes (one seed)"
+
+
+def test_capacity_regeneration_redoes_what_older_code_measured():
+    """A regeneration must measure again every cell stored before the step-time columns, errors
+    included (the 'FSDP cannot split XL/2 over 256 chips' refusals predate FSDP groups), and skip
+    what it already measured, so that an interrupted run resumes."""
+    from benchmarks import tpu_capacity  # pylint: disable=import-outside-toplevel
+    old_cell = {"at_paper_batch": {"batch": 256}}
+    new_cell = {"at_paper_batch": {"batch": 256, "step_time": {"lower_s": 0.01}}}
+    old_error = {"error": "cannot shard these parameters evenly"}
+    new_error = {"error": "the compile check exited with status -11 (a crash)",
+                 "format": tpu_capacity.RESULT_FORMAT}
+    assert [tpu_capacity.stale(r) for r in (old_cell, new_cell, old_error, new_error)] == [True, False, True, False]
