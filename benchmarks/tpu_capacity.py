@@ -127,7 +127,7 @@ def measure(cell, probes: list[dict] | None = None) -> dict:
         try:
             probes = [probe(cell, batch, step_time=True)]
         except ValueError as e:  # a mesh the model cannot be sharded on: say why, do not guess
-            return dict(result, error=str(e).splitlines()[0], format=RESULT_FORMAT)
+            return error_result(cell, str(e).splitlines()[0])
     while len(probes) < (MAX_PROBES if cell["scales"] in SEARCH_SCALES else 1):
         guess = next_batch(probes, unit)
         if guess is None:
@@ -202,6 +202,11 @@ def unfinished(result: dict) -> bool:
 # with format 2). Earlier cells are older code: an error among them may no longer hold (FSDP over
 # 256 chips was refused before FSDP groups existed), so they are measured again too.
 RESULT_FORMAT = 2
+
+
+def error_result(cell, error: str) -> dict:
+    """A cell that could not be measured, stored with the reason (a refusal or a crash)."""
+    return dict(cell, key=key(cell), error=error, format=RESULT_FORMAT)
 
 
 def stale(result: dict) -> bool:
@@ -304,9 +309,8 @@ def main():
         proc = subprocess.run([sys.executable, __file__, f"--cell={key(cell)}"])
         if proc.returncode:
             with RESULTS.open("a") as f:
-                f.write(json.dumps(dict(cell, key=key(cell), format=RESULT_FORMAT,
-                                        error=f"the compile check exited with status {proc.returncode} (a crash)"))
-                        + "\n")
+                f.write(json.dumps(error_result(cell, f"the compile check exited with status {proc.returncode} "
+                                                      "(a crash)")) + "\n")
 
 
 if __name__ == "__main__":
