@@ -269,7 +269,8 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
     """FD (both feature sets) against accuracy, and precision against recall: one line per model and N
-    through its guidance scales (labelled), one marker per N (hollow for the larger N), the real floor in black."""
+    through its guidance scales (labelled), each point the mean over seeds with a standard deviation bar
+    on both axes, one marker per N (hollow for the larger N), the real floor in black."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,8 +290,12 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         for (model, n), pts in lines.items():
             pts = sorted(pts, key=lambda e: e["guidance"])
             xs, ys = [p[x_metric][0] for p in pts], [p[y_metric][0] for p in pts]
-            ax.plot(xs, ys, "-", marker=markers[n], color=colours.get(model), label=f"{model} (N={n})",
-                    ms=4 + 2 * (n != min(markers)), fillstyle="full" if n == min(markers) else "none")
+            # Bars: one standard deviation over seeds, on both axes (none where a point has one seed).
+            xerr, yerr = ([p[m][1] or 0.0 for p in pts] for m in (x_metric, y_metric))
+            seeds = len(set.intersection(*(set(p["seeds"]) for p in pts)))
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="-", marker=markers[n], color=colours.get(model),
+                        label=f"{model} (N={n}, {seeds} seed{'s' * (seeds > 1)})", elinewidth=0.8, capsize=2,
+                        ms=4 + 2 * (n != min(markers)), fillstyle="full" if n == min(markers) else "none")
             for p, x, y in zip(pts, xs, ys):
                 ax.annotate(f"w={p['guidance']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for f in floors:

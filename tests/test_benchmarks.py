@@ -197,9 +197,9 @@ def test_judges_runs_tiny_and_resumes(tmp_path):
         assert (out / name).stat().st_size > 0
 
 
-def test_judges_precision_recall_and_seed_spread():
+def test_judges_precision_recall_and_seed_spread(tmp_path):
     """The judge's precision is the samples' fidelity and recall the test set's coverage (not
-    swapped), and the table's spread is over seeds."""
+    swapped), and the table's and the plots' spread is over seeds."""
     import numpy as np
     from benchmarks import judges
 
@@ -217,6 +217,9 @@ def test_judges_precision_recall_and_seed_spread():
     (e,) = judges.summarise(cells)
     assert e["seeds"] == [0, 1, 2] and e["accuracy"] == (2.0, 1.0)  # mean, sample standard deviation
     assert "| baseline | 3 | 0,1,2 | 10 | 2.000 ± 1.000 |" in judges.table(cells)
+    # A second guidance scale with seeds 0 and 1 only: the line's legend counts the seeds every point has.
+    cells += [dict(c, guidance=1.0) for c in cells[:2]]
+    assert all(p.stat().st_size > 0 for p in judges.plot(cells, tmp_path))
 
 
 def test_judges_cells_survive_a_kill_mid_write(tmp_path):
