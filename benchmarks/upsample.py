@@ -27,7 +27,7 @@ sampler not done.
 from __future__ import annotations
 
 import argparse
-import gzip
+import hashlib
 import json
 import sys
 import time
@@ -43,17 +43,21 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lapflow_jax import conditional, config as config_lib, generate, sample as sample_lib, upsample  # noqa: E402
+from lapflow_jax.data import sources  # noqa: E402
 from lapflow_jax.evaluation import efficientnet, frechet  # noqa: E402
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
+def test_images(n, data_dir=""):
+    """The first n Fashion-MNIST test images, padded to 32x32 as the study trains: (uint8 [n, 32, 32, 1],
+    int32 labels [n])."""
+    source = sources.FashionMnistSource("test", data_dir=data_dir, pad_to=32)
+    records = [source[i] for i in range(min(n, len(source)))]
+    return np.stack([r["image"] for r in records]), np.array([r["label"] for r in records], np.int32)
 
 
-def test_images(n):
-    with gzip.open(FASHION / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
-    with gzip.open(FASHION / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n].astype(np.int32)
-    return np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None], labels
+def data_key(data_dir: str) -> str:
+    """A suffix for cache names that tells data folders apart ("" for the default one), so a cache
+    shared between datasets never mixes their images or references."""
+    return f"_{hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:10]}" if data_dir else ""
 
 
 def load_config(workdir):
@@ -81,13 +85,13 @@ class Judges:
     features (the eval mode's fd_efficientnet network) on the first `efficientnet_reference` test
     images, whose statistics are cached in `cache`."""
 
-    def __init__(self, classifier_steps: int, efficientnet_reference: int, cache: Path):
+    def __init__(self, classifier_steps: int, efficientnet_reference: int, cache: Path, data_dir: str = ""):
         from benchmarks import quality
 
-        qargs = quality.parse_args(["--classifier_steps", str(classifier_steps)])
+        qargs = quality.parse_args([f"--classifier_steps={classifier_steps}", f"--data_dir={data_dir}"])
         self.study = quality.Judge(qargs, quality.make_config(qargs, 1, 0, qargs.steps).data)
         self.network = efficientnet.load_efficientnet_lite0()
-        stats = cache / f"efficientnet_test_stats_{efficientnet_reference}.npz"
+        stats = cache / f"efficientnet_test_stats_{efficientnet_reference}{data_key(data_dir)}.npz"
         if not stats.exists():
             reference = sample_lib.from_uint8(self.study.test_x[:efficientnet_reference])
             mu, sigma = frechet.feature_stats(efficientnet.features(self.network, reference))
@@ -130,6 +134,7 @@ def main():
     parser.add_argument("--classifier_steps", type=int, default=1500, help="the study judge's training steps")
     parser.add_argument("--efficientnet_reference", type=int, default=2000,
                         help="test images behind EfficientNet-Lite0's reference statistics (10,000: all)")
+    parser.add_argument("--data_dir", default="", help="folder of the Fashion-MNIST idx files (default: quality.py's)")
     parser.add_argument("--no_fd", action="store_true", help="skip the judges (PSNR and friends only)")
     parser.add_argument("--samplers", default="inversion,inversion+P,replacement,replacement+P",
                         help="comma-separated subset of the four samplers to run")
@@ -138,7 +143,7 @@ def main():
     config.sample.steps, config.sample.method = args.steps, args.method
     config.upsample.samples_per_image = args.k
     setup, step, params, sigmas = sample_lib.restore_for_sampling(config, args.workdir)
-    images, labels = test_images(args.num_images)
+    images, labels = test_images(args.num_images, args.data_dir)
     x = sample_lib.from_uint8(images)
     m = config.num_scales - 1 if args.name.startswith("4x") else 1  # --name 4x...: from the coarsest scale
     constraint = conditional.Constraint(config.num_scales, m, tuple(float(s) for s in sigmas), config.pyramid.down,
@@ -158,7 +163,7 @@ def main():
     kept = {"inputs": sample_lib.to_uint8(low), "bicubic": sample_lib.to_uint8(bic)}
     null = np.full((args.batch,), setup.num_classes, np.int32)
     solver = "" if args.method == "heun" else f"_{args.method}"
-    cache = Path(args.cache) / f"{args.name}_{Path(args.workdir).name}_step{step}_n{args.num_images}_k{args.k}_s{args.steps}{solver}_box"
+    cache = Path(args.cache) / f"{args.name}_{Path(args.workdir).name}_step{step}_n{args.num_images}_k{args.k}_s{args.steps}{solver}_box{data_key(args.data_dir)}"
     cache.mkdir(parents=True, exist_ok=True)
     first_samples = {}  # label -> uint8 [N, H, W, C], one output per input (for FD)
     for sampler, proj in (("inversion", False), ("inversion", True), ("replacement", False), ("replacement", True)):
@@ -219,7 +224,7 @@ def main():
             uncond = f["images"]
         kept["unconditional"] = uncond[:16]
         results["unconditional"] = {"seconds": time.perf_counter() - start}
-        judges = Judges(args.classifier_steps, args.efficientnet_reference, Path(args.cache))
+        judges = Judges(args.classifier_steps, args.efficientnet_reference, Path(args.cache), args.data_dir)
         results["judges"] = {"classifier_test_accuracy": judges.study.floor["accuracy"],
                              "classifier_real_floor_fd": judges.study.floor["fd"],
                              "classifier_floor_num_real": judges.study.floor["num_real"],

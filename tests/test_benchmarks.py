@@ -114,6 +114,18 @@ def _fake_fashion_mnist(data: Path) -> Path:
     return data
 
 
+def _train_tiny_study_models(data: Path, models: Path, scales: dict) -> Path:
+    """Trains the quality study's recipe, shrunk to 2 steps of a width-16 model, as
+    models/<name>_seed0 for each name -> number of scales; returns models."""
+    run_script("-c", "from absl import flags; flags.FLAGS.mark_as_parsed()\n"
+               "from benchmarks import quality\nfrom lapflow_jax import train\n"
+               f"a = quality.parse_args(['--data_dir={data}', '--steps=2', '--eval_every=2', '--warmup=1', "
+               "'--batch=6', '--width=16', '--depth=1', '--heads=2', '--nfe=3', '--sample_batch=10'])\n"
+               f"for name, scales in {sorted(scales.items())!r}:\n"
+               f"    train.train(quality.make_config(a, scales, 0, 2), '{models}/' + name + '_seed0')\n")
+    return models
+
+
 def test_quality_study_runs_tiny(tmp_path):
     """benchmarks/quality.py's whole path (classifier, three models, curves, NFE study, tables, files)
     on a made-up 'Fashion-MNIST' of simple class-coded shapes, in seconds."""
@@ -155,13 +167,7 @@ def test_judges_runs_tiny_and_resumes(tmp_path):
     import numpy as np
 
     data = _fake_fashion_mnist(tmp_path / "fmnist")
-    models = tmp_path / "models"
-    run_script("-c", "from absl import flags; flags.FLAGS.mark_as_parsed()\n"
-               "from benchmarks import quality\nfrom lapflow_jax import train\n"
-               f"a = quality.parse_args(['--data_dir={data}', '--steps=2', '--eval_every=2', '--warmup=1', "
-               "'--batch=6', '--width=16', '--depth=1', '--heads=2', '--nfe=3', '--sample_batch=10'])\n"
-               "for name, scales in (('baseline', 1), ('lapflow2', 2)):\n"
-               f"    train.train(quality.make_config(a, scales, 0, 2), '{models}/' + name + '_seed0')\n")
+    models = _train_tiny_study_models(data, tmp_path / "models", {"baseline": 1, "lapflow2": 2})
     out = tmp_path / "out"
     args = ("benchmarks/judges.py", f"--models={models}/baseline_seed0,{models}/lapflow2_seed0", "--guidance=1,3",
             "--samples=20", "--real=20", "--keep=12", "--nfe=3", "--sample_batch=10", "--classifier_steps=30",
@@ -195,6 +201,42 @@ def test_judges_runs_tiny_and_resumes(tmp_path):
     assert "| baseline | 1 | 0 | 20 |" in table and "| lapflow2 | 3 | 0 | 20 |" in table
     for name in ("judges.md", "judges_fd_accuracy.png", "judges_precision_recall.png"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.slow  # ~5 min on the 2-core machine: two tiny trainings, EfficientNet compiles
+def test_upsample_benchmark_runs_tiny_and_resumes(tmp_path):
+    """benchmarks/upsample.py end to end on made-up data: 2x from a tiny 2-scale model with both
+    judges, 4x from a tiny 3-scale one without; every sampler's outputs downsample to the input,
+    the files are written, and a rerun takes every sampler from the cache and scores the same."""
+    import numpy as np
+
+    data = _fake_fashion_mnist(tmp_path / "fmnist")
+    models = _train_tiny_study_models(data, tmp_path / "models", {"lapflow2": 2, "lapflow3": 3})
+    out, samplers = tmp_path / "out", ("inversion", "inversion+P", "replacement", "replacement+P")
+    common = ("--num_images=10", "--k=3", "--batch=5", "--steps=4", f"--data_dir={data}",
+              f"--cache={tmp_path / 'cache'}", f"--out={out}")
+    fd_args = ("--classifier_steps=30", "--efficientnet_reference=40")
+    run_script("benchmarks/upsample.py", f"--workdir={models}/lapflow2_seed0", "--name=2x", *common, *fd_args)
+    run_script("benchmarks/upsample.py", f"--workdir={models}/lapflow3_seed0", "--name=4x", *common, "--no_fd")
+    for name, factor in (("2x", 2), ("4x", 4)):
+        result = json.loads((out / f"upsample_{name}.json").read_text())
+        assert result["factor"] == factor and result["num_images"] == 10 and result["step"] == 2
+        for label in samplers:
+            r = result[label]
+            assert r["consistency"] <= 1e-5 and r["consistency_uint8_levels"] < 1e-3, (name, label, r)
+            assert np.isfinite([r["psnr_mean_of_k"], r["psnr_single"], r["calibration"], r["pixel_std"]]).all()
+        kept = np.load(out / f"upsample_{name}.npz")
+        assert kept["inputs"].shape == (10, 32 // factor, 32 // factor, 1)
+        assert all(kept[label].shape == (10, 3, 32, 32, 1) and kept[label].dtype == np.uint8 for label in samplers)
+        assert (out / f"upsample_grid_{name}.png").stat().st_size > 0
+    first = json.loads((out / "upsample_2x.json").read_text())
+    for label in ("real", "bicubic", "bicubic_projected", *samplers, "unconditional"):
+        assert first[label]["fd_classifier"] >= 0 and first[label]["fd_efficientnet"] >= 0, label
+    again = run_script("benchmarks/upsample.py", f"--workdir={models}/lapflow2_seed0", "--name=2x", *common, *fd_args)
+    assert again.count("(cached)") == 4
+    second = json.loads((out / "upsample_2x.json").read_text())
+    for label in samplers:
+        assert second[label]["fd_efficientnet"] == pytest.approx(first[label]["fd_efficientnet"], rel=1e-5), label
 
 
 def test_judges_precision_recall_and_seed_spread(tmp_path):
