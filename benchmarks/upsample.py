@@ -46,6 +46,7 @@ from lapflow_jax import conditional, config as config_lib, generate, sample as s
 from lapflow_jax.data import sources  # noqa: E402
 from lapflow_jax.evaluation import efficientnet, frechet  # noqa: E402
 
+
 def test_images(n, data_dir=""):
     """The first n Fashion-MNIST test images, padded to 32x32 as the study trains: (uint8 [n, 32, 32, 1],
     int32 labels [n])."""
